@@ -1,0 +1,150 @@
+"""The `latentlab` command: `run` does the whole study; each stage also has its own subcommand."""
+import argparse
+import sys
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+
+from latentlab.errors import LatentlabError
+
+# subcommand -> pipeline stage it runs on an existing run folder
+STAGE_COMMANDS = {
+    "train-ae": ("autoencoder", "train the convolutional autoencoder"),
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line on stderr and exit status 2."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, help="random seed of the whole run (default 0, or the run's own)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (auto picks CUDA when present)")
+    p.add_argument("--data-dir", help="folder with the four MNIST-format IDX files (default: the shipped MNIST)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="change any setting, e.g. --set gan.steps=5000 (repeatable; see config.json for names)")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="latentlab", description=__doc__)
+    from latentlab import __version__
+
+    parser.add_argument("--version", action="version", version=f"latentlab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run every stage into a run folder (skips stages already done)")
+    p.add_argument("--out", help="run folder (default runs/<data>-seed<seed>)")
+    p.add_argument("--quick", action="store_true", help="a smaller pipeline for a first look (under a minute)")
+    p.add_argument("--force", action="store_true", help="redo every stage, even those already done")
+    _add_common(p)
+
+    for command, (_, help_text) in STAGE_COMMANDS.items():
+        p = sub.add_parser(command, help=help_text)
+        p.add_argument("--run", required=True, help="the run folder")
+        _add_common(p)
+    return parser
+
+
+def _convert(text: str, default, key: str):
+    if isinstance(default, bool):
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise LatentlabError(f"--set {key}={text}: expected true or false")
+    try:
+        return type(default)(text) if default is not None else text
+    except ValueError:
+        raise LatentlabError(f"--set {key}={text}: expected a {type(default).__name__}") from None
+
+
+def apply_settings(config, assignments: list[str]) -> None:
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise LatentlabError(f"--set {item}: expected SECTION.KEY=VALUE")
+        target, *path = key.split(".")
+        obj = config
+        names = [target, *path]
+        for name in names[:-1]:
+            if not is_dataclass(obj) or name not in {f.name for f in fields(obj)}:
+                raise LatentlabError(f"--set {key}: unknown setting")
+            obj = getattr(obj, name)
+        last = names[-1]
+        if not is_dataclass(obj) or last not in {f.name for f in fields(obj)} or is_dataclass(getattr(obj, last)):
+            raise LatentlabError(f"--set {key}: unknown setting")
+        setattr(obj, last, _convert(text, getattr(obj, last), key))
+
+
+def resolve_config(args, base=None):
+    from latentlab.config import make_config, validate
+
+    if base is None:
+        config = make_config(quick=getattr(args, "quick", False))
+    else:
+        config = base
+    if args.seed is not None:
+        config.seed = args.seed
+    if args.device is not None:
+        config.device = args.device
+    if args.data_dir is not None:
+        if not Path(args.data_dir).is_dir():
+            raise LatentlabError(f"--data-dir {args.data_dir}: not a folder")
+        config.data_dir = str(Path(args.data_dir).resolve())
+    apply_settings(config, args.set)
+    validate(config)
+    return config
+
+
+def cmd_run(args) -> None:
+    from latentlab.pipeline import Pipeline, locked
+    from latentlab.runfolder import Run
+
+    config = resolve_config(args)
+    out = args.out or f"runs/{'mnist' if config.data_dir is None else Path(config.data_dir).name}-seed{config.seed}"
+    run = Run(out, create=True)
+    with locked(run):
+        Pipeline(run, config).run_all(force=args.force)
+    report = run.root / "report.html"
+    print(f"latentlab: run finished in {run.root}" + (f"; report: {report}" if report.exists() else ""))
+
+
+def cmd_stage(args) -> None:
+    from latentlab.config import from_dict
+    from latentlab.pipeline import Pipeline, locked
+    from latentlab.runfolder import Run, read_json
+
+    stage = STAGE_COMMANDS[args.command][0]
+    run = Run(args.run, create=True)
+    config_path = run.root / "config.json"
+    base = from_dict(read_json(config_path)) if config_path.exists() else None
+    config = resolve_config(args, base)
+    with locked(run):
+        pipeline = Pipeline(run, config)
+        pipeline.write_config()
+        pipeline.run_stage(stage)
+    print(f"latentlab: {stage} finished in {run.root}")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            cmd_run(args)
+        elif args.command in STAGE_COMMANDS:
+            cmd_stage(args)
+    except LatentlabError as e:
+        print(f"latentlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("latentlab: interrupted; finished stages are kept, run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Settings as dataclasses: one per stage, gathered in `Config`. config.json is `asdict(Config)`."""
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+
+
+@dataclass
+class AutoencoderConfig:
+    latent_dim: int = 32      # size of the code every later stage works in
+    width: int = 32           # channels of the first conv (the second has twice as many)
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 2e-3          # Adam, with cosine decay to zero
+    train_limit: int = 0      # use only the first N training images (0 = all 55,000); for tests
+
+
+@dataclass
+class ClassifierConfig:
+    """The project's own digit classifier, used to judge generated images."""
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 2e-3
+    train_limit: int = 0
+
+
+@dataclass
+class FewshotConfig:
+    labels_per_class: int = 5     # 5 x 10 digits = the reference's 50 labels
+    draw: str = "balanced"        # "balanced" (5 per digit) or "random" (50 at random)
+    draws: int = 10               # independent label draws, each with its own seed
+    epochs: int = 200             # the reference MLP's epochs, in both regimes
+
+
+@dataclass
+class GANConfig:
+    steps: int = 10_000
+    noise_dim: int = 64
+    hidden: int = 256
+    batch_size: int = 256
+    lr: float = 2e-4
+    loss: str = "nonsaturating"   # "nonsaturating" or "hinge"
+
+
+@dataclass
+class InterpolationConfig:
+    pairs: int = 200
+    steps: int = 10
+
+
+@dataclass
+class EvaluationConfig:
+    samples: int = 10_000
+    k: int = 3                    # neighbours for the precision/recall manifolds
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    device: str = "auto"          # "auto", "cpu" or "cuda"
+    data_dir: str | None = None   # a folder of MNIST-format IDX files; None = the shipped MNIST
+    quick: bool = False           # a smaller pipeline for a first look
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    fewshot: FewshotConfig = field(default_factory=FewshotConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
+    cgan: GANConfig = field(default_factory=GANConfig)
+    interpolation: InterpolationConfig = field(default_factory=InterpolationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+
+# What --quick changes: a pipeline for a first look, well under a minute.
+QUICK = {
+    "autoencoder": {"epochs": 1, "train_limit": 20_000},
+    "classifier": {"epochs": 1, "train_limit": 20_000},
+    "fewshot": {"draws": 3, "epochs": 50},
+    "gan": {"steps": 1500},
+    "cgan": {"steps": 1500},
+    "interpolation": {"pairs": 50},
+    "evaluation": {"samples": 2000},
+}
+
+
+def make_config(*, quick: bool = False, **top) -> Config:
+    config = Config(quick=quick, **top)
+    if quick:
+        for section, changes in QUICK.items():
+            for key, value in changes.items():
+                setattr(getattr(config, section), key, value)
+    return config
+
+
+def to_dict(config: Config) -> dict:
+    return asdict(config)
+
+
+def from_dict(values: dict) -> Config:
+    """Rebuild a Config from config.json, ignoring keys it does not know (such as `environment`)."""
+    def build(cls, data):
+        kwargs = {}
+        for f in fields(cls):
+            if f.name in data:
+                default = f.default_factory() if f.default_factory is not MISSING else None
+                kwargs[f.name] = build(type(default), data[f.name]) if is_dataclass(default) else data[f.name]
+        return cls(**kwargs)
+    return build(Config, values)
+
+
+def validate(config: Config) -> None:
+    """Refuse settings no stage can use, naming the setting (as --set writes it)."""
+    from latentlab.errors import LatentlabError
+
+    def positive(section: str, *names: str):
+        for name in names:
+            value = getattr(getattr(config, section), name)
+            if not isinstance(value, int) or value < 1:
+                raise LatentlabError(f"{section}.{name}={value}: must be a whole number >= 1")
+
+    if config.device not in ("auto", "cpu", "cuda"):
+        raise LatentlabError(f"--device {config.device}: choose auto, cpu or cuda")
+    positive("autoencoder", "latent_dim", "width", "epochs", "batch_size")
+    if config.autoencoder.lr <= 0:
+        raise LatentlabError(f"autoencoder.lr={config.autoencoder.lr}: must be > 0")
+    positive("fewshot", "labels_per_class", "draws", "epochs")
+    if config.fewshot.draw not in ("balanced", "random"):
+        raise LatentlabError(f"fewshot.draw={config.fewshot.draw}: choose balanced or random")
+    for section in ("gan", "cgan"):
+        positive(section, "steps", "noise_dim", "hidden", "batch_size")
+        if getattr(config, section).loss not in ("nonsaturating", "hinge"):
+            raise LatentlabError(f"{section}.loss={getattr(config, section).loss}: choose nonsaturating or hinge")

@@ -1,0 +1,126 @@
+"""A run folder: config.json, metrics.json, figures/, checkpoints/, and atomic checkpoint files.
+
+    DIR/config.json     every resolved setting, the seed, versions and the git commit
+    DIR/metrics.json    nested numbers; each stage writes its own sections
+    DIR/figures/        PNG figures
+    DIR/checkpoints/    one .pt file per model, each enough to rebuild it without flags
+"""
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+import latentlab
+from latentlab.errors import LatentlabError
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    _atomic_write(Path(path), lambda f: f.write((json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()))
+
+
+def read_json(path: Path) -> dict:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LatentlabError(f"{path}: file is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LatentlabError(f"{path}: not valid JSON ({e})") from None
+
+
+def environment() -> dict:
+    """Versions and the git commit, saved beside the settings so a run can be traced."""
+    import numpy
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "latentlab": latentlab.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
+        "python": platform.python_version(), "platform": platform.platform(), "git_commit": commit,
+    }
+
+
+class Run:
+    """Paths and small helpers for one run folder."""
+
+    def __init__(self, root, *, create: bool = False):
+        self.root = Path(root)
+        if create:
+            if self.root.exists() and not self.root.is_dir():
+                raise LatentlabError(f"{self.root}: exists and is not a folder")
+            try:
+                for sub in ("figures", "checkpoints"):
+                    (self.root / sub).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise LatentlabError(f"{self.root}: cannot create the run folder ({e.strerror})") from None
+            if not os.access(self.root, os.W_OK):
+                raise LatentlabError(f"{self.root}: folder is not writable")
+        elif not self.root.is_dir():
+            raise LatentlabError(f"{self.root}: no such run folder (make one with `latentlab run --out {self.root}`)")
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    # metrics.json: each stage replaces its own top-level sections and its timing.
+    def metrics(self) -> dict:
+        path = self.root / "metrics.json"
+        return read_json(path) if path.exists() else {}
+
+    def update_metrics(self, sections: dict, timings: dict | None = None) -> dict:
+        metrics = self.metrics()
+        metrics.update(sections)
+        if timings:
+            metrics.setdefault("timings_s", {}).update({k: round(v, 3) for k, v in timings.items()})
+        write_json(self.root / "metrics.json", metrics)
+        return metrics
+
+    def save_checkpoint(self, name: str, checkpoint: dict) -> Path:
+        path = self.checkpoints / f"{name}.pt"
+        _atomic_write(path, lambda f: torch.save(checkpoint, f))
+        return path
+
+    def load_checkpoint(self, name: str, *, needed_by: str | None = None) -> dict:
+        path = self.checkpoints / f"{name}.pt"
+        if not path.is_file():
+            hint = f"; {needed_by}" if needed_by else ""
+            raise LatentlabError(f"{path}: checkpoint is missing{hint}")
+        return load_checkpoint_file(path)
+
+
+def load_checkpoint_file(path: Path) -> dict:
+    """Load a checkpoint safely (tensors and plain data only); a damaged file is a one-line error."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a damaged zip/pickle
+        raise LatentlabError(f"{path}: checkpoint is corrupt or unreadable ({type(e).__name__})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "model_args" not in checkpoint:
+        raise LatentlabError(f"{path}: not a latentlab checkpoint")
+    return checkpoint
