@@ -25,7 +25,7 @@ from latentlab.runfolder import Run, environment, read_json, write_json
 @dataclass(frozen=True)
 class Stage:
     name: str
-    function: str              # "module:function", imported only when the stage runs
+    function: str              # "module:function", imported only when the stage runs (or a callable)
     settings: tuple[str, ...]  # the Config sections it reads
     outputs: tuple[str, ...]   # files (relative to the run folder) that must exist for it to count as done
 
@@ -33,6 +33,10 @@ class Stage:
 STAGES = [
     Stage("autoencoder", "latentlab.autoencoder:stage", ("autoencoder",), ("checkpoints/autoencoder.pt",)),
 ]
+
+
+def _stage(name: str) -> Stage:
+    return next(s for s in STAGES if s.name == name)
 
 
 def stage_names() -> list[str]:
@@ -88,7 +92,7 @@ class Pipeline:
         return read_json(path) if path.exists() else {}
 
     def is_done(self, name: str) -> bool:
-        stage = next(s for s in STAGES if s.name == name)
+        stage = _stage(name)
         record = self.records().get(name)
         return bool(record and record.get("hash") == self.hashes[name]
                     and all((self.run.root / out).exists() for out in stage.outputs))
@@ -98,10 +102,12 @@ class Pipeline:
 
     def run_stage(self, name: str) -> dict:
         """Run one stage now, record it, and forget every later stage (their inputs just changed)."""
-        stage = next(s for s in STAGES if s.name == name)
-        module, function = stage.function.split(":")
+        function = _stage(name).function
+        if isinstance(function, str):
+            module, attr = function.split(":")
+            function = getattr(importlib.import_module(module), attr)
         start = time.perf_counter()
-        sections = getattr(importlib.import_module(module), function)(self.ctx)
+        sections = function(self.ctx)
         seconds = time.perf_counter() - start
         self.run.update_metrics(sections, {name: seconds})
         names = stage_names()
