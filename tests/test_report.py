@@ -1,0 +1,95 @@
+"""The report: both files written, quick runs flagged, and every number traceable to metrics.json/config.json."""
+import json
+import re
+import shutil
+
+import pytest
+
+from latentlab.report import REFERENCE, write_report
+
+
+def _leaves(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _leaves(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _leaves(v)
+    else:
+        yield obj
+
+
+def _allowed_numbers(*sources) -> set[str]:
+    """Every way the report may print a number that is in the sources."""
+    allowed = {str(d) for d in range(10)}  # digit names (0-9) and the pixel range [0, 1]
+    for value in [v for s in sources for v in _leaves(s)]:
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, str):
+            allowed |= set(re.findall(r"\d+(?:\.\d+)?", value))
+            continue
+        allowed.add(str(value))
+        for digits in range(6):
+            allowed.add(f"{value:.{digits}f}")
+            allowed.add(f"{100 * value:.{digits}f}")
+    return allowed
+
+
+def numbers_not_in_sources(text: str, metrics: dict, config: dict) -> list[str]:
+    allowed = _allowed_numbers(metrics, config, REFERENCE)
+    return [n for n in re.findall(r"(?<![\w.])\d+(?:\.\d+)?", text) if n not in allowed]
+
+
+FAKE_METRICS = {
+    "autoencoder": {"test_mse": 0.004321, "test_bce": 0.07345, "latent_dim": 32, "train_images": 55000, "epochs": 4},
+    "fewshot": {
+        "labels": 50, "draws": 10, "draw": "balanced", "best_method": "spread",
+        "methods": {
+            "seed_mlp_frozen": {"test_accuracy": {"mean": 0.7712, "std": 0.0281, "min": 0.7233}, "per_draw": [0.7712]},
+            "seed_mlp_end_to_end": {"test_accuracy": {"mean": 0.6911, "std": 0.0366, "min": 0.6152}, "per_draw": [0.6]},
+            "spread": {"test_accuracy": {"mean": 0.9734, "std": 0.0047, "min": 0.9633}, "per_draw": [0.97],
+                       "transductive": False},
+        },
+    },
+    "gan": {"quality": {"frechet_distance": 3.4567, "precision": 0.8123, "recall": 0.6234,
+                        "class_histogram": [0.11, 0.09, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]}},
+    "cgan": {"quality": {"frechet_distance": 2.3456, "precision": 0.8456, "recall": 0.5567, "accuracy": 0.9923,
+                         "accuracy_per_digit": {str(d): 0.98 + d / 1000 for d in range(10)}}},
+    "baselines": {"gmm": {"frechet_distance": 4.5678, "precision": 0.7012, "recall": 0.6812}},
+    "evaluation": {"samples": 10000, "floors": {"train_vs_test_frechet_distance": 0.4321,
+                                                "reconstruction_frechet_distance": 1.9876},
+                   "verdict": "The conditional GAN (2.35) beats the per-digit mixture (4.57)."},
+    "interpolation": {"linear_noise": {"mean_confidence": 0.9312, "min_confidence": 0.7123},
+                      "real_codes": {"mean_confidence": 0.8712, "min_confidence": 0.4512},
+                      "verdict": "GAN paths are more digit-like (0.931 vs 0.871)."},
+    "timings_s": {"autoencoder": 61.234, "total": 300.5},
+}
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_report_numbers_all_come_from_the_run(tmp_path, quick):
+    config = {"seed": 3, "quick": quick, "autoencoder": {"epochs": 4}, "environment": {"torch": "2.13.0+cpu",
+              "python": "3.11.7", "latentlab": "0.1.0", "git_commit": "0123456789abcdef"}}
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "metrics.json").write_text(json.dumps(FAKE_METRICS))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    md, html = write_report(tmp_path)
+    text = md.read_text()
+    assert numbers_not_in_sources(text, FAKE_METRICS, config) == []
+    assert "74.5%" in text and "60.7%" in text and "reference report" in text
+    assert "97.3%" in text  # the headline method's mean
+    assert ("Quick run" in text) == quick
+    assert html.read_text().startswith("<!DOCTYPE html>") and "<table>" in html.read_text()
+
+
+def test_checker_catches_a_number_typed_in():
+    assert numbers_not_in_sources("accuracy 99.9%", FAKE_METRICS, {}) == ["99.9"]
+
+
+def test_html_embeds_figures(tmp_path, tiny_run):
+    shutil.copytree(tiny_run.root, tmp_path / "run")
+    md, html = write_report(tmp_path / "run")
+    page = html.read_text()
+    assert 'src="data:image/png;base64,' in page and 'src="figures/' not in page
+    assert numbers_not_in_sources(md.read_text(), tiny_run.metrics(), json.loads(
+        (tmp_path / "run" / "config.json").read_text())) == []
