@@ -21,14 +21,17 @@ def tiny_config(**top):
     config.autoencoder.train_limit = 2000
     config.autoencoder.width = 8
     config.autoencoder.latent_dim = 16
-    config.classifier.epochs = 1
-    config.classifier.train_limit = 2000
+    config.classifier.epochs = 2          # ~50 steps: fewer leave the one-cycle classifier at chance
+    config.classifier.train_limit = 3000
+    config.classifier.width = 8
     config.fewshot.draws = 2
     config.fewshot.epochs = 5
     config.gan.steps = config.cgan.steps = 50
     config.gan.batch_size = config.cgan.batch_size = 64
     config.interpolation.pairs = 4
     config.evaluation.samples = 200
+    config.evaluation.gmm_max_components = 5
+    config.evaluation.gmm_max_components_per_digit = 2
     return config
 
 
@@ -39,4 +42,42 @@ def tiny_run(tmp_path_factory):
     pipeline = Pipeline(run, tiny_config())
     pipeline.write_config()
     pipeline.run_stage("autoencoder")
+    return run
+
+
+@pytest.fixture(scope="session")
+def gan_run(tiny_run, tmp_path_factory):
+    """The tiny run plus a classifier and both tiny GANs (50 steps). Tests that change it must copy it first."""
+    import shutil
+
+    run = Run(shutil.copytree(tiny_run.root, tmp_path_factory.mktemp("gan_run") / "run"))
+    pipeline = Pipeline(run, tiny_config())
+    for stage in ("classifier", "gan", "cgan"):
+        pipeline.run_stage(stage)
+    return run
+
+
+def demo_config():
+    """Small, but trained enough that the classifier reads the conditional GAN's digits (~90%): the demo's tests."""
+    config = tiny_config()
+    config.autoencoder.train_limit = 10_000
+    config.autoencoder.epochs = 2
+    config.autoencoder.batch_size = 64
+    config.autoencoder.width = 16
+    config.classifier.train_limit = 10_000
+    config.gan.steps = 300
+    config.cgan.steps = 2000
+    for gan in (config.gan, config.cgan):
+        gan.batch_size, gan.lr, gan.noise_dim = 128, 1e-3, 32
+    return config
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """A run with an AE, classifier, both GANs and a report, for the web demo's tests (~45 s of CPU time)."""
+    run = Run(tmp_path_factory.mktemp("demo_run"), create=True)
+    pipeline = Pipeline(run, demo_config())
+    pipeline.write_config()
+    for stage in ("autoencoder", "classifier", "gan", "cgan", "report"):
+        pipeline.run_stage(stage)
     return run

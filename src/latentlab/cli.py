@@ -9,6 +9,12 @@ from latentlab.errors import LatentlabError
 # subcommand -> pipeline stage it runs on an existing run folder
 STAGE_COMMANDS = {
     "train-ae": ("autoencoder", "train the convolutional autoencoder"),
+    "train-classifier": ("classifier", "train the digit classifier that judges generated images"),
+    "train-gan": ("gan", "train the latent GAN (noise -> AE code)"),
+    "train-cgan": ("cgan", "train the conditional latent GAN (noise + digit -> AE code)"),
+    "interpolate": ("interpolation", "interpolate between GAN samples and between real digits, and score the paths"),
+    "evaluate": ("evaluation", "score the GANs and Gaussian-mixture baselines with the classifier (FD, precision/recall)"),
+    "report": ("report", "write report.md and report.html from the run's metrics and figures"),
 }
 
 
@@ -45,6 +51,18 @@ def build_parser() -> Parser:
         p = sub.add_parser(command, help=help_text)
         p.add_argument("--run", required=True, help="the run folder")
         _add_common(p)
+
+    p = sub.add_parser("sample", help="generate digits with a trained run's GAN into a .png grid or a .npz file")
+    p.add_argument("--run", required=True, help="a run folder with trained GANs (from `latentlab run`)")
+    p.add_argument("--count", type=int, required=True, help="how many digits (1-100000)")
+    p.add_argument("--out", required=True, help="FILE.png (a grid) or FILE.npz (images uint8 N x 28 x 28, labels)")
+    p.add_argument("--digit", type=int, help="ask the conditional GAN for this digit (0-9); without it the plain GAN")
+    p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same digits (default 0)")
+
+    p = sub.add_parser("demo", help="serve a web page to generate and interpolate digits with a trained run")
+    p.add_argument("--run", required=True, help="a run folder with trained models (from `latentlab run`)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
     return parser
 
 
@@ -129,6 +147,21 @@ def cmd_stage(args) -> None:
     print(f"latentlab: {stage} finished in {run.root}")
 
 
+def cmd_sample(args) -> None:
+    from latentlab.gan import write_samples  # torch and the models only: a cold `sample` stays quick
+
+    out = write_samples(args.run, args.count, args.out, digit=args.digit, seed=args.seed)
+    print(f"latentlab: wrote {args.count} digits to {out}")
+
+
+def cmd_demo(args) -> None:
+    if not 1 <= args.port <= 65535:
+        raise LatentlabError(f"--port {args.port}: must be 1-65535")
+    from latentlab import demo  # imports Gradio only when the demo is asked for
+
+    demo.serve(args.run, host=args.host, port=args.port)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -136,6 +169,10 @@ def main(argv=None) -> int:
             cmd_run(args)
         elif args.command in STAGE_COMMANDS:
             cmd_stage(args)
+        elif args.command == "sample":
+            cmd_sample(args)
+        elif args.command == "demo":
+            cmd_demo(args)
     except LatentlabError as e:
         print(f"latentlab: error: {e}", file=sys.stderr)
         return 2

@@ -65,3 +65,52 @@ def loss_curves(history: dict, path: Path) -> Path:
     ax.legend()
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def gan_losses(history: dict, path: Path, *, title: str = "GAN training") -> Path:
+    """Discriminator and generator losses (means over `log_every` steps) against the step."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(history["step"], history["loss_d"], label="discriminator")
+    ax.plot(history["step"], history["loss_g"], label="generator")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def quality_bars(values: dict, floors: dict, path: Path) -> Path:
+    """Frechet distance of each generator (bars) with the floors (dashed lines); lower is better."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    names = list(values)
+    bars = ax.bar(names, [values[n] for n in names], color=["C0", "C7", "C1", "C7"][:len(names)])
+    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    for (label, value), style in zip(floors.items(), ("--", ":", "-.")):
+        ax.axhline(value, color="k", linestyle=style, linewidth=1, label=f"{label}: {value:.2f}")
+    ax.set_ylabel("Frechet distance (classifier features)")
+    ax.set_title("sample quality vs the test set (lower is better)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def digit_accuracy_bars(per_model: dict, path: Path, *, target: float | None = None) -> Path:
+    """Share of samples classified as the digit asked for, per digit, one bar group per digit."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    width = 0.8 / len(per_model)
+    lowest = 1.0
+    for i, (name, accuracy) in enumerate(per_model.items()):
+        shares = [accuracy[str(d)] for d in range(10)]
+        lowest = min(lowest, *shares)
+        ax.bar(np.arange(10) + (i - (len(per_model) - 1) / 2) * width, shares, width, label=name)
+    if target is not None:
+        ax.axhline(target, color="k", linestyle="--", linewidth=1, label=f"target {target}")
+    ax.set_xticks(range(10))
+    ax.set_xlabel("digit asked for")
+    ax.set_ylabel("classified as asked")
+    ax.set_ylim(max(0.0, min(lowest, target or 1.0) - 0.03), 1.0)
+    ax.set_title("conditional accuracy per digit")
+    ax.legend(fontsize=8, loc="lower left")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)

@@ -46,3 +46,72 @@ class Autoencoder(nn.Module):
 
     def forward(self, x):
         return self.decoder(self.encoder(x))
+
+
+class DigitClassifier(nn.Module):
+    """The project's judge of generated digits: three conv blocks -> a feature layer -> 10 logits.
+
+    `features` (the penultimate activations) is the space for Frechet distance and precision/recall.
+    """
+
+    def __init__(self, *, width: int = 16, feature_dim: int = 128, dropout: float = 0.3):
+        super().__init__()
+
+        def block(c_in, c_out):  # conv + batch norm + ReLU, then halve the resolution
+            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+                    nn.MaxPool2d(2, ceil_mode=True)]
+
+        self.body = nn.Sequential(
+            *block(1, width), *block(width, 2 * width), *block(2 * width, 4 * width),  # 28 -> 14 -> 7 -> 4
+            nn.Flatten(),
+            nn.Linear(4 * width * 4 * 4, feature_dim), nn.ReLU(),
+        )
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, 10))
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class Generator(nn.Module):
+    """Gaussian noise (B, noise_dim) -> a standardised latent code (B, latent_dim).
+
+    Conditional (num_classes > 0): the digit's one-hot vector is joined to the noise.
+    """
+
+    def __init__(self, noise_dim: int = 64, latent_dim: int = 32, hidden: int = 256, num_classes: int = 0):
+        super().__init__()
+        self.noise_dim, self.latent_dim, self.num_classes = noise_dim, latent_dim, num_classes
+        self.net = nn.Sequential(
+            nn.Linear(noise_dim + num_classes, hidden), nn.LeakyReLU(0.2),
+            nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
+            nn.Linear(hidden, latent_dim),
+        )
+
+    def forward(self, noise, labels=None):
+        if self.num_classes:
+            noise = torch.cat([noise, nn.functional.one_hot(labels, self.num_classes).to(noise.dtype)], 1)
+        return self.net(noise)
+
+
+class Discriminator(nn.Module):
+    """A latent code (B, latent_dim) -> one realness logit per code (B,).
+
+    Conditional (num_classes > 0): the digit's one-hot vector is joined to the code.
+    """
+
+    def __init__(self, latent_dim: int = 32, hidden: int = 256, num_classes: int = 0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.net = nn.Sequential(
+            nn.Linear(latent_dim + num_classes, hidden), nn.LeakyReLU(0.2),
+            nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
+            nn.Linear(hidden, 1),
+        )
+
+    def forward(self, codes, labels=None):
+        if self.num_classes:
+            codes = torch.cat([codes, nn.functional.one_hot(labels, self.num_classes).to(codes.dtype)], 1)
+        return self.net(codes).squeeze(1)

@@ -9,6 +9,7 @@ import hashlib
 import importlib
 import json
 import os
+import resource
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -32,7 +33,18 @@ class Stage:
 
 STAGES = [
     Stage("autoencoder", "latentlab.autoencoder:stage", ("autoencoder",), ("checkpoints/autoencoder.pt",)),
+    Stage("classifier", "latentlab.classifier:stage", ("classifier",), ("checkpoints/classifier.pt",)),
+    Stage("gan", "latentlab.gan:stage_gan", ("gan",), ("checkpoints/gan.pt", "figures/gan_samples.png")),
+    Stage("cgan", "latentlab.gan:stage_cgan", ("cgan",), ("checkpoints/cgan.pt", "figures/cgan_samples.png")),
+    Stage("interpolation", "latentlab.interpolation:stage", ("interpolation",), ("figures/interpolation.png",)),
+    Stage("evaluation", "latentlab.evaluate:stage", ("evaluation",), ("figures/evaluation_frechet.png",)),
+    Stage("report", "latentlab.report:stage", (), ("report.md", "report.html")),
 ]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports kilobytes)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _stage(name: str) -> Stage:
@@ -113,6 +125,7 @@ class Pipeline:
         names = stage_names()
         records = {k: v for k, v in self.records().items() if k in names[:names.index(name)]}
         records[name] = {"hash": self.hashes[name], "seconds": round(seconds, 3),
+                         "peak_rss_mb": peak_rss_mb(),  # of the whole process so far
                          "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         write_json(self.run.root / "stages.json", records)
         return sections
@@ -128,8 +141,12 @@ class Pipeline:
             tqdm.write(f"{label}: running")
             self.run_stage(stage.name)
             tqdm.write(f"{label}: finished in {self.records()[stage.name]['seconds']:.1f} s")
-        metrics = self.run.metrics()
-        timings = metrics.get("timings_s", {})
+        timings = self.run.metrics().get("timings_s", {})
         # total: the wall time of every stage as last run, so a resumed run still reports the whole study
-        self.run.update_metrics({}, {"total": sum(timings.get(n, 0.0) for n in stage_names()),
-                                     "this_invocation": time.perf_counter() - total_start})
+        self.run.update_metrics({"peak_memory_mb": {"this_invocation": peak_rss_mb()}},
+                                {"total": sum(timings.get(n, 0.0) for n in stage_names()),
+                                 "this_invocation": time.perf_counter() - total_start})
+        if "report" in stage_names():  # once more, so the report shows the final timings
+            from latentlab.report import write_report
+
+            write_report(self.run.root)

@@ -1,0 +1,119 @@
+"""Stage 2: the project's own digit classifier, the judge of generated images.
+
+Inception weights cannot be downloaded here, so quality is measured in the penultimate features of a CNN
+trained on MNIST itself (the usual substitute); such distances are only comparable under the same classifier.
+"""
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from latentlab.config import ClassifierConfig
+from latentlab.context import Context, set_threads
+from latentlab.errors import LatentlabError
+from latentlab.models import DigitClassifier
+from latentlab.runfolder import Run
+
+
+def as_images(images) -> torch.Tensor:
+    """Float tensor (N, 1, 28, 28) in [0, 1], or uint8 array (N, 28, 28) with 255 = ink -> float tensor (N, 1, 28, 28)."""
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8:
+            raise LatentlabError(f"images: expected uint8 pixels 0..255, got {images.dtype}")
+        return torch.from_numpy(images).float().div_(255.0).reshape(len(images), 1, 28, 28)
+    return images.float().reshape(len(images), 1, 28, 28)
+
+
+@torch.no_grad()
+def _batched(fn, model: DigitClassifier, images, batch_size: int) -> np.ndarray:
+    model.eval()
+    images = as_images(images)
+    device = next(model.parameters()).device
+    return torch.cat([fn(images[i:i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)]).numpy()
+
+
+def predict_proba(model: DigitClassifier, images, batch_size: int = 1000) -> np.ndarray:
+    """(N, 10) softmax probabilities."""
+    return _batched(lambda x: model(x).softmax(dim=1), model, images, batch_size)
+
+
+def features(model: DigitClassifier, images, batch_size: int = 1000) -> np.ndarray:
+    """(N, F) penultimate activations, float64 (for Frechet distance and precision/recall)."""
+    return _batched(model.features, model, images, batch_size).astype(np.float64)
+
+
+def accuracy(model: DigitClassifier, images, labels) -> float:
+    return float((predict_proba(model, images).argmax(axis=1) == np.asarray(labels)).mean())
+
+
+def train_classifier(cfg: ClassifierConfig, train: torch.Tensor, train_labels: np.ndarray, val: torch.Tensor,
+                     val_labels: np.ndarray, *, seed: int, device=torch.device("cpu")) -> tuple[DigitClassifier, dict]:
+    """Adam with a one-cycle learning rate on cross-entropy; returns the model and per-epoch validation accuracy."""
+    torch.manual_seed(seed)
+    model = DigitClassifier(width=cfg.width).to(device)
+    steps_per_epoch = len(train) // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise LatentlabError(f"classifier: batch size {cfg.batch_size} is larger than the {len(train)} training images")
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    # one-cycle: warm up, then anneal to ~0, which is what makes 2-3 epochs enough
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
+    labels = torch.from_numpy(np.asarray(train_labels))
+    generator = torch.Generator().manual_seed(seed)
+    history = {"train_loss": [], "val_accuracy": []}
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="classifier", unit="step", leave=False)
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = torch.randperm(len(train), generator=generator)
+        total = 0.0
+        for step in range(steps_per_epoch):
+            batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            loss = F.cross_entropy(model(train[batch].to(device)), labels[batch].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item()
+            bar.update()
+        history["train_loss"].append(total / steps_per_epoch)
+        history["val_accuracy"].append(accuracy(model, val, val_labels))
+        bar.set_postfix(epoch=epoch + 1, val_acc=f"{history['val_accuracy'][-1]:.4f}")
+    bar.close()
+    return model.eval(), history
+
+
+def checkpoint(model: DigitClassifier, cfg: ClassifierConfig) -> dict:
+    return {"kind": "classifier", "model_args": {"width": cfg.width}, "state_dict": model.state_dict()}
+
+
+def load_classifier(run: Run) -> DigitClassifier:
+    ckpt = run.load_checkpoint("classifier", needed_by=f"train it with `latentlab train-classifier --run {run.root}`")
+    model = DigitClassifier(**ckpt["model_args"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, TypeError) as e:
+        raise LatentlabError(f"{run.checkpoints / 'classifier.pt'}: weights do not fit the model ({str(e)[:80]})") from None
+    return model.eval()
+
+
+def stage(ctx: Context) -> dict:
+    """Train the classifier on the training split, save it, report validation and test accuracy."""
+    cfg = ctx.config.classifier
+    set_threads(2)
+    train, train_labels = ctx.images("train"), ctx.labels("train")
+    if cfg.train_limit:
+        train, train_labels = train[:cfg.train_limit], train_labels[:cfg.train_limit]
+    start = time.perf_counter()
+    model, history = train_classifier(cfg, train, train_labels, ctx.images("val"), ctx.labels("val"),
+                                      seed=ctx.config.seed + 1, device=ctx.device)
+    train_seconds = time.perf_counter() - start
+    model = model.cpu().eval()
+    ctx.run.save_checkpoint("classifier", checkpoint(model, cfg))
+    return {"classifier": {
+        "test_accuracy": accuracy(model, ctx.images("test"), ctx.labels("test")),
+        "val_accuracy": history["val_accuracy"][-1],
+        "epochs": cfg.epochs, "train_images": len(train), "train_seconds": round(train_seconds, 2),
+        "feature_dim": model.head[-1].in_features, "width": cfg.width,
+        "history": {k: [round(v, 6) for v in vs] for k, vs in history.items()},
+    }}

@@ -1,0 +1,121 @@
+import shutil
+
+import numpy as np
+import pytest
+
+from latentlab import cli
+from latentlab.classifier import load_classifier
+from latentlab.config import validate
+from latentlab.context import Context
+from latentlab.errors import LatentlabError
+from latentlab.evaluate import (conditional_quality, embed, fit_gmm, floors, unconditional_quality, verdict)
+from latentlab.pipeline import Pipeline
+from latentlab.runfolder import Run
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(gan_run, tmp_path_factory):
+    """conftest's gan_run (AE, classifier, both GANs: all the evaluation reads), evaluated."""
+    run = Run(shutil.copytree(gan_run.root, tmp_path_factory.mktemp("evaluated") / "run"))
+    Pipeline(run, tiny_config()).run_stage("evaluation")
+    return run
+
+
+def test_evaluation_writes_every_section_and_keeps_the_training_facts(evaluated_run):
+    metrics = evaluated_run.metrics()
+    for name in ("gan", "cgan"):
+        assert metrics[name]["steps"] == 50  # written by the training stage, kept by the merge
+    gan, cgan = metrics["gan"]["quality"], metrics["cgan"]["quality"]
+    assert {"frechet_distance", "precision", "recall", "class_histogram", "samples"} <= set(gan)
+    assert len(gan["class_histogram"]) == 10 and sum(gan["class_histogram"]) == pytest.approx(1.0)
+    assert gan["samples"] == 200
+    assert {"accuracy", "accuracy_per_digit", "min_digit_accuracy", "frechet_distance", "precision",
+            "recall"} <= set(cgan)
+    assert sorted(cgan["accuracy_per_digit"]) == [str(d) for d in range(10)]
+    assert cgan["min_digit_accuracy"] == min(cgan["accuracy_per_digit"].values())
+    baselines = metrics["baselines"]
+    assert {"components", "covariance_type", "frechet_distance", "precision", "recall",
+            "class_histogram"} <= set(baselines["gmm"])
+    assert len(baselines["gmm_per_digit"]["components"]) == 10
+    assert {"accuracy", "accuracy_per_digit", "min_digit_accuracy", "frechet_distance"} <= set(baselines["gmm_per_digit"])
+    evaluation = metrics["evaluation"]
+    assert evaluation["samples"] == 200 and evaluation["k"] == 3
+    assert {"train_vs_test_frechet_distance", "reconstruction_frechet_distance", "reconstruction_precision",
+            "reconstruction_recall", "reconstruction_accuracy"} <= set(evaluation["floors"])
+    assert set(evaluation["targets"]) == {
+        "cgan_accuracy_at_least_0.99", "cgan_min_digit_at_least_0.97", "cgan_fd_within_1.5x_reconstruction_floor",
+        "recall_at_least_0.5", "gan_recall_at_least_0.5", "gan_beats_gmm", "cgan_beats_gmm_per_digit"}
+    assert all(isinstance(v, bool) for v in evaluation["targets"].values())
+    assert evaluation["targets"]["gan_beats_gmm"] == (gan["frechet_distance"] < baselines["gmm"]["frechet_distance"])
+    assert f"{gan['frechet_distance']:.2f}" in evaluation["verdict"]
+    for figure in ("evaluation_frechet", "evaluation_digit_accuracy", "baseline_gmm_samples",
+                   "baseline_gmm_per_digit_samples"):
+        assert (evaluated_run.figures / f"{figure}.png").stat().st_size > 1000
+
+
+def test_real_images_score_better_than_reconstructions_and_noise(gan_run):
+    ctx = Context(run=gan_run, config=tiny_config())
+    classifier = load_classifier(gan_run)
+    real, _ = embed(classifier, ctx.images("test"))
+    floor = floors(ctx, classifier, real, 500, 3)
+    noise = np.random.default_rng(0).integers(0, 256, size=(500, 28, 28), dtype=np.uint8)
+    noise_quality = unconditional_quality(classifier, real, noise, 3)
+    # real training digits look like test digits; the tiny AE's blurry reconstructions and noise do not
+    assert floor["train_vs_test_frechet_distance"] < 0.2 * floor["reconstruction_frechet_distance"]
+    assert floor["train_vs_test_frechet_distance"] < 0.2 * noise_quality["frechet_distance"]
+    assert floor["train_vs_test_precision"] > 0.7 and floor["train_vs_test_recall"] > 0.7
+    assert noise_quality["precision"] < 0.2 and noise_quality["recall"] < 0.1
+
+
+def test_conditional_accuracy_counts_samples_classified_as_asked(gan_run):
+    ctx = Context(run=gan_run, config=tiny_config())
+    classifier = load_classifier(gan_run)
+    images, labels = ctx.images("test")[:500], ctx.labels("test")[:500]
+    real, predicted = embed(classifier, ctx.images("test"))
+    right = conditional_quality(classifier, real, images, labels, 3)
+    assert right["accuracy"] == pytest.approx(np.mean(predicted[:500] == labels))
+    wrong = conditional_quality(classifier, real, images, (labels + 1) % 10, 3)
+    assert wrong["accuracy"] < 0.2 < 0.7 < right["accuracy"]
+    assert right["min_digit_accuracy"] <= right["accuracy"]
+
+
+def test_gmm_is_chosen_by_validation_likelihood():
+    rng = np.random.default_rng(0)
+    centres = np.array([[-6.0, 0.0], [0.0, 6.0], [6.0, 0.0]])
+    draw = lambda n: centres[rng.integers(0, 3, n)] + rng.normal(size=(n, 2))  # noqa: E731
+    gmm, choice = fit_gmm(draw(900), draw(300), [(1, "full"), (3, "full"), (3, "diag")], seed=0)
+    assert choice["components"] == 3 == gmm.n_components
+    assert choice["val_log_likelihood"] == max(choice["candidates_val_log_likelihood"].values())
+    assert set(choice["candidates_val_log_likelihood"]) == {"1-full", "3-full", "3-diag"}
+
+
+def test_verdict_says_plainly_when_the_gans_lose():
+    def scores(fd, accuracy=0.99):
+        return {"frechet_distance": fd, "accuracy": accuracy}
+    floor = {"train_vs_test_frechet_distance": 0.5, "reconstruction_frechet_distance": 4.0}
+    losing = verdict(scores(9.0), scores(8.0), {"gmm": scores(7.0), "gmm_per_digit": scores(6.0)}, floor)
+    assert losing.startswith("The GANs do not beat the Gaussian mixture")
+    assert "9.00" in losing and "7.00" in losing and "4.00" in losing
+    winning = verdict(scores(5.0), scores(4.5), {"gmm": scores(7.0), "gmm_per_digit": scores(6.0)}, floor)
+    assert winning.startswith("Both GANs beat")
+    mixed = verdict(scores(5.0), scores(8.0), {"gmm": scores(7.0), "gmm_per_digit": scores(6.0)}, floor)
+    assert "conditional GAN does not" in mixed
+
+
+def test_evaluate_without_a_classifier_is_a_one_line_error(tiny_run, tmp_path, capsys):
+    run = shutil.copytree(tiny_run.root, tmp_path / "run")
+    assert cli.main(["evaluate", "--run", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("latentlab: error:") and "train-classifier" in err and "Traceback" not in err
+
+
+def test_settings_are_checked():
+    config = tiny_config()
+    config.evaluation.samples = 20_000
+    with pytest.raises(LatentlabError, match="evaluation.samples"):
+        validate(config)
+    config = tiny_config()
+    config.classifier.lr = 0.0
+    with pytest.raises(LatentlabError, match="classifier.lr"):
+        validate(config)
