@@ -30,8 +30,8 @@ def tiny_config(**top):
     config.gan.batch_size = config.cgan.batch_size = 64
     config.interpolation.pairs = 4
     config.evaluation.samples = 200
-    config.evaluation.gmm_max_components = 5
-    config.evaluation.gmm_max_components_per_digit = 2
+    config.evaluation.gmm_components = 5
+    config.evaluation.gmm_components_per_digit = 2
     return config
 
 

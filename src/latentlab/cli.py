@@ -10,6 +10,7 @@ from latentlab.errors import LatentlabError
 STAGE_COMMANDS = {
     "train-ae": ("autoencoder", "train the convolutional autoencoder"),
     "train-classifier": ("classifier", "train the digit classifier that judges generated images"),
+    "fewshot": ("fewshot", "classify digits from the latent codes with 50 labels: the reference MLPs and graph methods"),
     "train-gan": ("gan", "train the latent GAN (noise -> AE code)"),
     "train-cgan": ("cgan", "train the conditional latent GAN (noise + digit -> AE code)"),
     "interpolate": ("interpolation", "interpolate between GAN samples and between real digits, and score the paths"),
@@ -50,6 +51,9 @@ def build_parser() -> Parser:
     for command, (_, help_text) in STAGE_COMMANDS.items():
         p = sub.add_parser(command, help=help_text)
         p.add_argument("--run", required=True, help="the run folder")
+        if command == "fewshot":
+            p.add_argument("--draw", choices=["balanced", "random"], help="5 labels per digit, or 50 at random")
+            p.add_argument("--draws", type=int, metavar="N", help="independent label draws (default 10)")
         _add_common(p)
 
     p = sub.add_parser("sample", help="generate digits with a trained run's GAN into a .png grid or a .npz file")
@@ -112,6 +116,10 @@ def resolve_config(args, base=None):
         if not Path(args.data_dir).is_dir():
             raise LatentlabError(f"--data-dir {args.data_dir}: not a folder")
         config.data_dir = str(Path(args.data_dir).resolve())
+    if getattr(args, "draw", None) is not None:
+        config.fewshot.draw = args.draw
+    if getattr(args, "draws", None) is not None:
+        config.fewshot.draws = args.draws
     apply_settings(config, args.set)
     validate(config)
     return config

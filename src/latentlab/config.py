@@ -28,6 +28,12 @@ class FewshotConfig:
     draw: str = "balanced"        # "balanced" (5 per digit) or "random" (50 at random)
     draws: int = 10               # independent label draws, each with its own seed
     epochs: int = 200             # the reference MLP's epochs, in both regimes
+    end_to_end_draws: int = 0     # fine-tune end to end on the first N draws only (0 = every draw)
+    curve_every: int = 5          # points of the validation-accuracy curves: every N epochs
+    curve_images: int = 1000      # ... on this fixed sample of validation images (the encoder makes it costly)
+    neighbours: int = 10          # k of the kNN graph of training codes for Poisson learning
+    balance: float = 0.75         # 0 = plain Poisson argmax, 1 = class sizes forced to the label frequencies
+    train_limit: int = 0          # draw labels from, and build the graph on, the first N training images; for tests
 
 
 @dataclass
@@ -52,11 +58,11 @@ class InterpolationConfig:
 class EvaluationConfig:
     samples: int = 10_000
     k: int = 3                    # neighbours for the precision/recall manifolds
-    # Gaussian-mixture baselines: component counts 1, 2, 5, 10, 20, ... up to these are fitted (full
-    # covariance) and the best on validation log-likelihood is kept. Per digit it peaks near 16; for all
-    # codes it still rises at 80, where the cap bounds the fitting time
-    gmm_max_components: int = 80
-    gmm_max_components_per_digit: int = 16
+    # Gaussian-mixture baselines (full covariance). Measured on validation log-likelihood: for all codes it
+    # still rises at 80 components; per digit it peaks near 16. Sweeping at run time cost minutes, so fixed.
+    gmm_components: int = 80
+    gmm_components_per_digit: int = 16
+    gmm_fit_limit: int = 20_000   # codes the all-digit mixture is fitted on (a seeded subset of the 55k)
 
 
 @dataclass
@@ -82,7 +88,7 @@ QUICK = {
     "gan": {"steps": 1500},
     "cgan": {"steps": 1500},
     "interpolation": {"pairs": 50},
-    "evaluation": {"samples": 2000, "gmm_max_components": 10, "gmm_max_components_per_digit": 4},
+    "evaluation": {"samples": 2000, "gmm_components": 10, "gmm_components_per_digit": 4},
 }
 
 
@@ -129,11 +135,16 @@ def validate(config: Config) -> None:
     positive("classifier", "epochs", "batch_size", "width")
     if not config.classifier.lr > 0:
         raise LatentlabError(f"classifier.lr={config.classifier.lr}: must be > 0")
-    positive("evaluation", "samples", "k", "gmm_max_components", "gmm_max_components_per_digit")
+    positive("evaluation", "samples", "k", "gmm_components", "gmm_components_per_digit", "gmm_fit_limit")
     if not config.evaluation.k < config.evaluation.samples <= 10_000:
         raise LatentlabError(f"evaluation.samples={config.evaluation.samples}: must be more than evaluation.k "
                              f"({config.evaluation.k}) and at most 10000 (the test images they are compared with)")
-    positive("fewshot", "labels_per_class", "draws", "epochs")
+    positive("fewshot", "labels_per_class", "draws", "epochs", "curve_every", "curve_images", "neighbours")
+    for name in ("end_to_end_draws", "train_limit"):
+        if not isinstance(getattr(config.fewshot, name), int) or getattr(config.fewshot, name) < 0:
+            raise LatentlabError(f"fewshot.{name}={getattr(config.fewshot, name)}: must be a whole number >= 0")
+    if not 0 <= config.fewshot.balance <= 1:
+        raise LatentlabError(f"fewshot.balance={config.fewshot.balance}: must be between 0 and 1")
     if config.fewshot.draw not in ("balanced", "random"):
         raise LatentlabError(f"fewshot.draw={config.fewshot.draw}: choose balanced or random")
     for section in ("gan", "cgan"):

@@ -64,24 +64,13 @@ def conditional_quality(classifier, real: np.ndarray, images, digits: np.ndarray
             "class_histogram": class_histogram(predicted), "samples": len(images)}
 
 
-def gmm_candidates(largest: int, covariance: str = "full") -> list[tuple[int, str]]:
-    """(components, covariance type) pairs to try: 1, 2, 5, 10, 20, ... below `largest`, and `largest`."""
-    steps = (1, 2, 5, 10, 20, 40, 80, 160, 320)
-    return [(n, covariance) for n in sorted({n for n in steps if n < largest} | {largest})]
-
-
-def fit_gmm(train: np.ndarray, val: np.ndarray, candidates, seed: int) -> tuple[GaussianMixture, dict]:
-    """Fit every (components, covariance type) candidate on `train`; keep the best on `val` log-likelihood."""
-    best, scores = None, {}
-    for components, covariance in candidates:
-        with one_blas_thread():
-            gmm = GaussianMixture(components, covariance_type=covariance, max_iter=200, random_state=seed).fit(train)
-            scores[f"{components}-{covariance}"] = score = float(gmm.score(val))  # mean log-likelihood per code
-        if best is None or score > best[1]:
-            best = (gmm, score)
-    gmm, score = best
-    return gmm, {"components": gmm.n_components, "covariance_type": gmm.covariance_type,
-                 "val_log_likelihood": score, "candidates_val_log_likelihood": scores}
+def fit_gmm(train: np.ndarray, val: np.ndarray, components: int, seed: int) -> tuple[GaussianMixture, dict]:
+    """A full-covariance mixture on `train`, scored by its mean log-likelihood per code on `val`."""
+    with one_blas_thread():
+        gmm = GaussianMixture(components, covariance_type="full", max_iter=200, random_state=seed).fit(train)
+        score = float(gmm.score(val))
+    return gmm, {"components": components, "covariance_type": "full", "fitted_codes": len(train),
+                 "val_log_likelihood": score}
 
 
 def sample_gmm(gmm: GaussianMixture, count: int, decoder, seed: int) -> np.ndarray:
@@ -101,7 +90,10 @@ def gmm_baselines(ctx: Context, classifier, real: np.ndarray, count: int, k: int
     train, val = ctx.codes("train").double().numpy(), ctx.codes("val").double().numpy()
     train_labels, val_labels = ctx.labels("train"), ctx.labels("val")
 
-    gmm, choice = fit_gmm(train, val, gmm_candidates(cfg.gmm_max_components), sub_seed(seed, "gmm"))
+    # a seeded subset keeps the one large fit within budget (80 components on 20k codes fit the validation
+    # codes better than 40 on all 55k, in a quarter of the time)
+    subset = np.random.default_rng(sub_seed(seed, "gmm-subset")).permutation(len(train))[:cfg.gmm_fit_limit]
+    gmm, choice = fit_gmm(train[np.sort(subset)], val, cfg.gmm_components, sub_seed(seed, "gmm"))
     plain_images = sample_gmm(gmm, count, decoder, sub_seed(seed, "gmm-sample"))
     plain = {**choice, **unconditional_quality(classifier, real, plain_images, k)}
 
@@ -111,7 +103,7 @@ def gmm_baselines(ctx: Context, classifier, real: np.ndarray, count: int, k: int
     choices = []
     for d in tqdm(range(10), desc="per-digit mixtures", leave=False):
         gmm_d, choice_d = fit_gmm(train[train_labels == d], val[val_labels == d],
-                                  gmm_candidates(cfg.gmm_max_components_per_digit), sub_seed(seed, f"gmm-digit-{d}"))
+                                  cfg.gmm_components_per_digit, sub_seed(seed, f"gmm-digit-{d}"))
         per_digit_images[digits == d] = sample_gmm(gmm_d, int(np.sum(digits == d)), decoder,
                                                    sub_seed(seed, f"gmm-digit-{d}-sample"))
         choices.append(choice_d)

@@ -114,3 +114,49 @@ def digit_accuracy_bars(per_model: dict, path: Path, *, target: float | None = N
     ax.legend(fontsize=8, loc="lower left")
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def fewshot_curves(curves: dict, reference: dict, path: Path) -> Path:
+    """Validation accuracy per epoch of the reference MLP in both regimes: mean and spread over draws."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    epochs = np.asarray(curves["epochs"])
+    for name, label, color in (("seed_mlp_frozen", "frozen codes", "tab:blue"),
+                               ("seed_mlp_end_to_end", "end to end (encoder fine-tuned)", "tab:orange")):
+        mean, std = np.asarray(curves[name]["mean"]), np.asarray(curves[name]["std"])
+        ax.plot(epochs, mean, color=color, label=f"{label}: mean over draws")
+        ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2)
+        if name in reference:
+            ax.axhline(reference[name], color=color, linestyle="--", linewidth=1,
+                       label=f"reference report, {label}: {reference[name]:.1%}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(f"reference MLP (128 sigmoid, 512 sigmoid) on 50 labels\n"
+                 f"validation sample of {curves['val_images']} images; band = ±1 std over draws", fontsize=9)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def fewshot_methods(methods: dict, reference: dict, best: str, path: Path) -> Path:
+    """Mean test accuracy of every few-label method with ±1 std error bars and the worst draw."""
+    names = sorted(methods, key=lambda n: methods[n]["test_accuracy"]["mean"])
+    colors = {"graph": "tab:green", "mlp": "tab:blue", "baseline": "tab:gray"}
+    fig, ax = plt.subplots(figsize=(6.5, 0.32 * len(names) + 1.2))
+    y = np.arange(len(names))
+    means = [methods[n]["test_accuracy"]["mean"] for n in names]
+    stds = [methods[n]["test_accuracy"]["std"] for n in names]
+    ax.barh(y, means, xerr=stds, color=[colors.get(methods[n].get("family"), "tab:blue") for n in names],
+            capsize=2, alpha=0.85)
+    ax.plot([methods[n]["test_accuracy"]["min"] for n in names], y, "k|", markersize=8, label="worst draw")
+    for name, value in reference.items():
+        ax.axvline(value, color="tab:red", linestyle=":", linewidth=1)
+        ax.text(value, len(names) - 0.4, f"ref. {name.replace('seed_mlp_', '')}", fontsize=6, color="tab:red",
+                rotation=90, va="top", ha="right")
+    ax.set_yticks(y, [n + (" (best)" if n == best else "") for n in names], fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("test accuracy (10k images): mean ± std over draws")
+    ax.set_title("few-label classification, 50 labels (green: graph methods using unlabelled codes)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)

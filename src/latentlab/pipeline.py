@@ -34,6 +34,8 @@ class Stage:
 STAGES = [
     Stage("autoencoder", "latentlab.autoencoder:stage", ("autoencoder",), ("checkpoints/autoencoder.pt",)),
     Stage("classifier", "latentlab.classifier:stage", ("classifier",), ("checkpoints/classifier.pt",)),
+    Stage("fewshot", "latentlab.fewshot:stage", ("fewshot",),
+          ("fewshot_labels.json", "figures/fewshot_curves.png", "figures/fewshot_methods.png")),
     Stage("gan", "latentlab.gan:stage_gan", ("gan",), ("checkpoints/gan.pt", "figures/gan_samples.png")),
     Stage("cgan", "latentlab.gan:stage_cgan", ("cgan",), ("checkpoints/cgan.pt", "figures/cgan_samples.png")),
     Stage("interpolation", "latentlab.interpolation:stage", ("interpolation",), ("figures/interpolation.png",)),
