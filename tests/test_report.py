@@ -10,7 +10,8 @@ from latentlab.report import REFERENCE, write_report
 
 def _leaves(obj):
     if isinstance(obj, dict):
-        for v in obj.values():
+        for k, v in obj.items():
+            yield str(k)  # keys too: a target's name such as "recall_at_least_0.5" is in metrics.json
             yield from _leaves(v)
     elif isinstance(obj, list):
         for v in obj:

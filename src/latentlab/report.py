@@ -92,14 +92,17 @@ def generation_section(m: dict, root: Path) -> str:
              f"{m.get('evaluation', {}).get('samples', 'n/a')} samples per model: the share read as the digit asked "
              "for, the Fréchet distance between classifier features of generated and test images, and k-NN "
              "precision/recall in the same space."]
-    parts.append(_figures(root, "gan_samples.png", "cgan_digits.png"))
+    parts.append(_figures(root, "gan_samples.png", "cgan_samples.png"))
     ev = m.get("evaluation")
     if ev:
         floors = ev.get("floors", {})
-        rows = [["real training images (floor)", num(floors.get("train_vs_test_frechet_distance"), 2), "-", "-", "-"],
-                ["AE reconstructions of test (floor)", num(floors.get("reconstruction_frechet_distance"), 2),
+        rows = [["real training images (floor)", num(floors.get("train_vs_test_frechet_distance"), 2),
+                 num(floors.get("train_vs_test_precision")), num(floors.get("train_vs_test_recall")), "-"],
+                ["AE reconstructions of test images (floor)", num(floors.get("reconstruction_frechet_distance"), 2),
                  num(floors.get("reconstruction_precision")), num(floors.get("reconstruction_recall")),
-                 pct(floors["reconstruction_accuracy"]) if "reconstruction_accuracy" in floors else "-"]]
+                 pct(floors["reconstruction_accuracy"]) if "reconstruction_accuracy" in floors else "-"],
+                ["AE reconstructions of training images", num(floors.get("train_reconstruction_frechet_distance"), 2),
+                 num(floors.get("train_reconstruction_precision")), num(floors.get("train_reconstruction_recall")), "-"]]
         for key, label in (("gan", "latent GAN"), ("cgan", "conditional latent GAN")):
             if "quality" in m.get(key, {}):
                 rows.append(_quality_row(label, m[key]["quality"]))
@@ -117,7 +120,10 @@ def generation_section(m: dict, root: Path) -> str:
                 ["digit"] + [str(d) for d in range(10)], [["share"] + [pct(v) for v in gq["class_histogram"]]]))
         if ev.get("verdict"):
             parts.append(f"**Verdict.** {ev['verdict']}")
-    parts.append(_figures(root, "evaluation_*.png", "baseline_*.png"))
+        if ev.get("targets"):
+            parts.append("Targets: " + ", ".join(f"{name} {'met' if met else '**not met**'}"
+                                                 for name, met in ev["targets"].items()) + ".")
+    parts.append(_figures(root, "evaluation_*.png", "baseline_*.png", "gan_losses.png", "cgan_losses.png"))
     return "\n\n".join(p for p in parts if p)
 
 
