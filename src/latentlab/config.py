@@ -28,9 +28,9 @@ class FewshotConfig:
     draw: str = "balanced"        # "balanced" (5 per digit) or "random" (50 at random)
     draws: int = 10               # independent label draws, each with its own seed
     epochs: int = 200             # the reference MLP's epochs, in both regimes
-    end_to_end_draws: int = 0     # fine-tune end to end on the first N draws only (0 = every draw)
-    curve_every: int = 5          # points of the validation-accuracy curves: every N epochs
-    curve_images: int = 1000      # ... on this fixed sample of validation images (the encoder makes it costly)
+    end_to_end_draws: int = 3     # other architectures than the reference's fine-tune on N draws (0 = every draw)
+    curve_every: int = 10         # the reference MLP's validation-accuracy curves: a point every N epochs
+    curve_images: int = 500       # ... on this fixed sample of validation images (the encoder makes it costly)
     neighbours: int = 10          # k of the kNN graph of training codes for Poisson learning
     balance: float = 0.75         # 0 = plain Poisson argmax, 1 = class sizes forced to the label frequencies
     train_limit: int = 0          # draw labels from, and build the graph on, the first N training images; for tests
@@ -149,7 +149,8 @@ def validate(config: Config) -> None:
         raise LatentlabError(f"fewshot.draw={config.fewshot.draw}: choose balanced or random")
     for section in ("gan", "cgan"):
         positive(section, "steps", "noise_dim", "hidden", "batch_size", "checkpoint_every", "log_every")
-        if not getattr(config, section).lr > 0:
-            raise LatentlabError(f"{section}.lr={getattr(config, section).lr}: must be > 0")
-        if getattr(config, section).loss not in ("nonsaturating", "hinge"):
-            raise LatentlabError(f"{section}.loss={getattr(config, section).loss}: choose nonsaturating or hinge")
+        gan = getattr(config, section)
+        if not gan.lr > 0:
+            raise LatentlabError(f"{section}.lr={gan.lr}: must be > 0")
+        if gan.loss not in ("nonsaturating", "hinge"):
+            raise LatentlabError(f"{section}.loss={gan.loss}: choose nonsaturating or hinge")

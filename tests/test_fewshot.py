@@ -1,0 +1,156 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from latentlab import fewshot
+from latentlab.cli import build_parser, resolve_config
+from latentlab.config import validate
+from latentlab.context import Context
+from latentlab.errors import LatentlabError
+from latentlab.pipeline import Pipeline
+from latentlab.runfolder import Run
+from tests.conftest import tiny_config
+
+
+def fewshot_config(**changes):
+    """Two draws, a few epochs, a graph of 3,000 training codes: the whole stage in a few seconds."""
+    config = tiny_config()
+    cfg = config.fewshot
+    cfg.draws, cfg.epochs, cfg.curve_every, cfg.curve_images, cfg.train_limit = 2, 4, 2, 200, 3000
+    for key, value in changes.items():
+        setattr(cfg, key, value)
+    return config
+
+
+def copy_run(tiny_run, tmp_path, name: str) -> Run:
+    return Run(shutil.copytree(tiny_run.root, tmp_path / name, ignore=shutil.ignore_patterns(".lock")))
+
+
+def run_stage(run: Run, config) -> dict:
+    pipeline = Pipeline(run, config)
+    pipeline.write_config()
+    return pipeline.run_stage("fewshot")["fewshot"]
+
+
+@pytest.fixture(scope="module")
+def first(tiny_run, tmp_path_factory):
+    run = copy_run(tiny_run, tmp_path_factory.mktemp("fewshot"), "first")
+    return run, run_stage(run, fewshot_config())
+
+
+LABELS = np.repeat(np.arange(10), 40)[np.random.default_rng(0).permutation(400)]
+
+
+def test_balanced_draw_is_five_per_digit_and_seeded():
+    idx = fewshot.draw_labels(LABELS, per_class=5, draw="balanced", seed=7)
+    assert len(set(idx.tolist())) == 50
+    assert np.bincount(LABELS[idx], minlength=10).tolist() == [5] * 10
+    assert np.array_equal(idx, fewshot.draw_labels(LABELS, per_class=5, draw="balanced", seed=7))
+    assert not np.array_equal(idx, fewshot.draw_labels(LABELS, per_class=5, draw="balanced", seed=8))
+
+
+def test_random_draw_is_fifty_distinct_images():
+    idx = fewshot.draw_labels(LABELS, per_class=5, draw="random", seed=3)
+    assert len(idx) == 50 and len(set(idx.tolist())) == 50 and idx.max() < len(LABELS)
+    assert np.array_equal(idx, fewshot.draw_labels(LABELS, per_class=5, draw="random", seed=3))
+
+
+def test_draw_refuses_too_few_images_of_a_digit():
+    with pytest.raises(LatentlabError, match="labels_per_class=50"):
+        fewshot.draw_labels(LABELS, per_class=50, draw="balanced", seed=0)
+
+
+def test_balance_weights_reach_the_priors():
+    scores = np.random.default_rng(0).random((2000, 3)) * [1.0, 0.6, 0.3]  # class 0 would win most codes
+    w = fewshot.balance_weights(scores, np.array([0.5, 0.3, 0.2]))
+    sizes = np.bincount(np.argmax(scores * w, axis=1), minlength=3) / 2000
+    assert np.abs(sizes - [0.5, 0.3, 0.2]).max() <= 2e-3
+
+
+def test_metrics_figures_and_saved_draws(first):
+    run, fs = first
+    assert fs["labels"] == 50 and fs["draws"] == 2 and fs["draw"] == "balanced"
+    assert fs["reference"]["seed_mlp_frozen"] == 0.745 and fs["reference"]["seed_mlp_end_to_end"] == 0.607
+    for name in ("seed_mlp_frozen", "seed_mlp_end_to_end", "poisson_balanced", "logistic_regression"):
+        info = fs["methods"][name]
+        assert set(info["test_accuracy"]) == {"mean", "std", "min"} and len(info["per_draw"]) == 2
+        assert info["transductive"] is False
+        assert 0 <= info["test_accuracy"]["min"] <= info["test_accuracy"]["mean"] <= 1
+    assert len([n for n in fs["methods"] if n.endswith("_end_to_end")]) >= 4
+    assert fs["best_method"] in fs["methods"]
+    curves = fs["curves"]
+    assert curves["epochs"] == [0, 2, 4] and len(curves["seed_mlp_end_to_end"]["mean"]) == 3
+    metrics = run.metrics()
+    assert metrics["timings_s"]["fewshot"] > 0 and metrics["fewshot"] == fs
+    for figure in ("fewshot_curves.png", "fewshot_methods.png"):
+        assert (run.figures / figure).stat().st_size > 5000
+    saved = json.loads((run.root / fs["labels_file"]).read_text())
+    train_labels = Context(run=run, config=fewshot_config()).labels("train")
+    for d in saved["draws"]:
+        assert len(d["indices"]) == 50 and max(d["indices"]) < 3000
+        assert train_labels[d["indices"]].tolist() == d["labels"]
+        assert np.bincount(d["labels"], minlength=10).tolist() == [5] * 10
+    assert saved["draws"][0]["indices"] != saved["draws"][1]["indices"]
+
+
+def test_fixed_seed_reproduces_draws_and_accuracies(first, tiny_run, tmp_path):
+    run, fs = first
+    again = copy_run(tiny_run, tmp_path, "again")
+    fs2 = run_stage(again, fewshot_config())
+    assert (again.root / "fewshot_labels.json").read_text() == (run.root / "fewshot_labels.json").read_text()
+    assert {n: m["per_draw"] for n, m in fs2["methods"].items()} == {n: m["per_draw"] for n, m in fs["methods"].items()}
+    assert fs2["curves"] == fs["curves"]
+
+
+def test_no_classifier_sees_more_than_the_drawn_labels(first, tiny_run, tmp_path, monkeypatch):
+    """Corrupt every training label outside the drawn ones: not one accuracy may change."""
+    run, fs = first
+    saved = [np.array(d["indices"]) for d in json.loads((run.root / "fewshot_labels.json").read_text())["draws"]]
+    drawn = np.unique(np.concatenate(saved))
+    other = copy_run(tiny_run, tmp_path, "corrupted")
+    config = fewshot_config()
+    ctx = Context(run=other, config=config)
+    true_labels = ctx.labels
+
+    def corrupted(part):
+        labels = true_labels(part).copy()
+        if part == "train":
+            hidden = np.setdiff1d(np.arange(len(labels)), drawn)
+            labels[hidden] = (labels[hidden] + 1) % 10
+        return labels
+
+    monkeypatch.setattr(ctx, "labels", corrupted)
+    queue = list(saved)
+    monkeypatch.setattr(fewshot, "draw_labels", lambda *args, **kwargs: queue.pop(0))
+    revealed = []
+    real_reveal = fewshot.reveal
+    monkeypatch.setattr(fewshot, "reveal", lambda labels, idx: revealed.append(len(idx)) or real_reveal(labels, idx))
+    fs2 = fewshot.stage(ctx)["fewshot"]
+    assert revealed == [50, 50]
+    assert {n: m["per_draw"] for n, m in fs2["methods"].items()} == {n: m["per_draw"] for n, m in fs["methods"].items()}
+
+
+def test_random_draw_runs_even_when_a_digit_is_missing(tiny_run, tmp_path, monkeypatch):
+    """A random draw of 50 can miss a digit: every method must still run and label every test image."""
+    def without_sevens(train_labels, *, per_class, draw, seed):
+        return np.sort(np.random.default_rng(seed).choice(np.flatnonzero(train_labels != 7), 50, replace=False))
+
+    monkeypatch.setattr(fewshot, "draw_labels", without_sevens)
+    config = fewshot_config(draw="random", draws=1, epochs=1, curve_every=1)
+    fs = run_stage(copy_run(tiny_run, tmp_path, "random"), config)
+    assert fs["draw"] == "random"
+    for name in ("poisson", "poisson_balanced", "poisson_volume"):
+        # the test set's 7s (about 10%) cannot be right, everything else can
+        assert 0.3 < fs["methods"][name]["test_accuracy"]["mean"] < 0.9
+
+
+def test_cli_draw_options_and_bad_settings():
+    args = build_parser().parse_args(["fewshot", "--run", "x", "--draw", "random", "--draws", "3"])
+    config = resolve_config(args)
+    assert config.fewshot.draw == "random" and config.fewshot.draws == 3
+    for key, value in (("balance", 1.5), ("draws", 0), ("train_limit", -1)):
+        config = fewshot_config(**{key: value})
+        with pytest.raises(LatentlabError, match=f"fewshot.{key}"):
+            validate(config)
