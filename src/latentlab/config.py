@@ -79,7 +79,8 @@ class Config:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     fewshot: FewshotConfig = field(default_factory=FewshotConfig)
     gan: GANConfig = field(default_factory=GANConfig)
-    cgan: GANConfig = field(default_factory=lambda: GANConfig(steps=8_000, batch_size=128, loss="hinge", r1=0.0))
+    cgan: GANConfig = field(default_factory=lambda: GANConfig(steps=8_000, batch_size=128, loss="hinge", r1=0.0,
+                                                                          ema=0.99))
     interpolation: InterpolationConfig = field(default_factory=InterpolationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 

@@ -75,33 +75,42 @@ def train_gan(cfg: GANConfig, codes: torch.Tensor, labels: torch.Tensor | None =
               save=None, name: str = "gan") -> tuple[Generator, dict]:
     """Train on standardised `codes` (N, latent_dim), with their digits if `labels` is given.
 
-    `save(generator, step)` is called every cfg.checkpoint_every steps and may write a checkpoint. A NaN,
-    infinite or exploded loss stops training with a LatentlabError naming the last step saved.
+    Returns the generator to keep (the running average of G's weights when cfg.ema > 0) and a loss history.
+    `save(generator, step)` is called every cfg.checkpoint_every steps. A NaN, infinite or exploded loss
+    stops training with a `Diverged` error naming the last step saved.
     """
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from tqdm import tqdm
+
     torch.manual_seed(seed)
     num_classes = NUM_CLASSES if labels is not None else 0
     netG = Generator(cfg.noise_dim, codes.shape[1], cfg.hidden, num_classes)
     netD = Discriminator(codes.shape[1], cfg.hidden, num_classes)
     optimizerG = torch.optim.Adam(netG.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     optimizerD = torch.optim.Adam(netD.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+    # an exponential moving average of G's weights samples better than G's last step (Yazici et al. 2019)
+    averaged = AveragedModel(netG, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema)) if cfg.ema > 0 else None
+    keep = averaged.module if averaged is not None else netG
     rng = torch.Generator().manual_seed(seed)
-    history = {"step": [], "loss_d": [], "loss_g": []}
-    sums, last_saved = np.zeros(2), None
-    from tqdm import tqdm
-
+    history = {"step": [], "loss_d": [], "loss_g": [], "r1": []}
+    sums, last_saved = np.zeros(3), None
     bar = tqdm(range(1, cfg.steps + 1), desc=name, unit="step", leave=False, mininterval=0.5)
     for step in bar:
         index = torch.randint(len(codes), (cfg.batch_size,), generator=rng)
-        real = codes[index]
         digits = labels[index] if labels is not None else None
         fake = netG(torch.randn(cfg.batch_size, cfg.noise_dim, generator=rng), digits)
 
         # (1) update D: push real codes up and generated codes down
+        regularise = cfg.r1 > 0 and step % cfg.r1_every == 0
+        real = codes[index].requires_grad_(regularise)
         real_logits = netD(real, digits)
-        fake_logits = netD(fake.detach(), digits)
-        loss_d = discriminator_loss(real_logits, fake_logits, cfg.loss)
+        loss_d = discriminator_loss(real_logits, netD(fake.detach(), digits), cfg.loss)
+        penalty = torch.zeros(())
+        if regularise:  # R1 (Mescheder et al. 2018): keep D flat around real codes; lazily, so scaled up
+            grad, = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+            penalty = cfg.r1 / 2 * cfg.r1_every * grad.pow(2).sum(1).mean()
         optimizerD.zero_grad(set_to_none=True)
-        loss_d.backward()
+        (loss_d + penalty).backward()
         optimizerD.step()
 
         # (2) update G: make D take the generated codes for real ones
@@ -109,24 +118,30 @@ def train_gan(cfg: GANConfig, codes: torch.Tensor, labels: torch.Tensor | None =
         optimizerG.zero_grad(set_to_none=True)
         loss_g.backward()
         optimizerG.step()
+        if averaged is not None:
+            averaged.update_parameters(netG)
 
-        values = (loss_d.item(), loss_g.item())
-        if not all(math.isfinite(v) and abs(v) < EXPLODED_LOSS for v in values):
+        values = (loss_d.item(), loss_g.item(), penalty.item())
+        # divergence: a NaN/inf anywhere, or a loss far beyond what training ever shows (abs(nan) < x is False)
+        if not (all(abs(v) < EXPLODED_LOSS for v in values[:2]) and math.isfinite(values[2])):
             bar.close()
-            raise Diverged(name, step, values, last_saved, cfg)
+            raise Diverged(name, step, values[:2], last_saved, cfg)
         sums += values
         if step % cfg.log_every == 0 or step == cfg.steps:
             n = (step - 1) % cfg.log_every + 1
-            for key, value in zip(("loss_d", "loss_g"), sums / n):
+            for key, value in zip(("loss_d", "loss_g", "r1"), sums / n):
                 history[key].append(round(float(value), 4))
             history["step"].append(step)
             sums[:] = 0
-            bar.set_postfix(loss_d=history["loss_d"][-1], loss_g=history["loss_g"][-1])
+            bar.set_postfix(loss_d=history["loss_d"][-1], loss_g=history["loss_g"][-1], refresh=False)
         if save is not None and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            save(netG, step)
+            if not all(torch.isfinite(p).all() for p in keep.parameters()):  # finite losses, broken weights
+                bar.close()
+                raise Diverged(name, step, values[:2], last_saved, cfg)
+            save(keep, step)
             last_saved = step
     bar.close()
-    return netG.eval(), history
+    return keep.eval(), history
 
 
 def generate_codes(gan: LatentGAN, noise: torch.Tensor, labels: torch.Tensor | None = None,
@@ -285,8 +300,9 @@ def _stage(ctx, conditional: bool) -> dict:
                             title="latent GAN: samples from fixed noise")
     figures.gan_losses(history, ctx.run.figures / f"{name}_losses.png", title=f"{name} training")
     return {name: {
-        "loss": cfg.loss, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
-        "noise_dim": cfg.noise_dim, "hidden": cfg.hidden, "conditional": conditional,
+        "loss": cfg.loss, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "r1": cfg.r1,
+        "r1_every": cfg.r1_every, "ema": cfg.ema, "noise_dim": cfg.noise_dim, "hidden": cfg.hidden,
+        "conditional": conditional, "discriminator": "projection" if conditional else "plain",
         "train_codes": len(codes), "diverged": False,
         "final_loss_d": history["loss_d"][-1], "final_loss_g": history["loss_g"][-1],
         "train_seconds": round(train_seconds, 2), "history": history,

@@ -99,19 +99,24 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """A latent code (B, latent_dim) -> one realness logit per code (B,).
 
-    Conditional (num_classes > 0): the digit's one-hot vector is joined to the code.
+    Conditional (num_classes > 0): a projection discriminator (Miyato & Koyama 2018): the logit gains the
+    inner product of a learned digit embedding with the code's features. Measured against joining a one-hot
+    digit to the code, it gave far better conditional samples (the measurements are listed in gan.py).
     """
 
     def __init__(self, latent_dim: int = 32, hidden: int = 256, num_classes: int = 0):
         super().__init__()
         self.num_classes = num_classes
-        self.net = nn.Sequential(
-            nn.Linear(latent_dim + num_classes, hidden), nn.LeakyReLU(0.2),
+        self.body = nn.Sequential(
+            nn.Linear(latent_dim, hidden), nn.LeakyReLU(0.2),
             nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
-            nn.Linear(hidden, 1),
         )
+        self.out = nn.Linear(hidden, 1)
+        self.embed = nn.Embedding(num_classes, hidden) if num_classes else None
 
     def forward(self, codes, labels=None):
-        if self.num_classes:
-            codes = torch.cat([codes, nn.functional.one_hot(labels, self.num_classes).to(codes.dtype)], 1)
-        return self.net(codes).squeeze(1)
+        features = self.body(codes)
+        logits = self.out(features).squeeze(1)
+        if self.embed is not None:
+            logits = logits + (self.embed(labels) * features).sum(1)
+        return logits
