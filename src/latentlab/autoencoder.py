@@ -81,13 +81,7 @@ def checkpoint(model: Autoencoder, cfg: AutoencoderConfig) -> dict:
 
 
 def load_autoencoder(run: Run) -> Autoencoder:
-    ckpt = run.load_checkpoint("autoencoder", needed_by=f"train it with `latentlab train-ae --run {run.root}`")
-    model = Autoencoder(**ckpt["model_args"])
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except (RuntimeError, TypeError) as e:
-        raise LatentlabError(f"{run.checkpoints / 'autoencoder.pt'}: weights do not fit the model ({str(e)[:80]})") from None
-    return model.eval()
+    return run.load_model("autoencoder", Autoencoder, "train-ae")[0]
 
 
 def stage(ctx: Context) -> dict:

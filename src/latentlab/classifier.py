@@ -88,13 +88,7 @@ def checkpoint(model: DigitClassifier, cfg: ClassifierConfig) -> dict:
 
 
 def load_classifier(run: Run) -> DigitClassifier:
-    ckpt = run.load_checkpoint("classifier", needed_by=f"train it with `latentlab train-classifier --run {run.root}`")
-    model = DigitClassifier(**ckpt["model_args"])
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except (RuntimeError, TypeError) as e:
-        raise LatentlabError(f"{run.checkpoints / 'classifier.pt'}: weights do not fit the model ({str(e)[:80]})") from None
-    return model.eval()
+    return run.load_model("classifier", DigitClassifier, "train-classifier")[0]
 
 
 def stage(ctx: Context) -> dict:

@@ -192,13 +192,7 @@ def load_gan(run: Run, conditional: bool) -> LatentGAN:
 
 def load_decoder(run: Run):
     """The AE's decoder alone (what sampling needs), without importing the training code and its figures."""
-    ckpt = run.load_checkpoint("autoencoder", needed_by=f"train it with `latentlab train-ae --run {run.root}`")
-    model = Autoencoder(**ckpt["model_args"])
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except (RuntimeError, TypeError) as e:
-        raise LatentlabError(f"{run.checkpoints / 'autoencoder.pt'}: weights do not fit the model ({str(e)[:80]})") from None
-    return model.decoder.eval()
+    return run.load_model("autoencoder", Autoencoder, "train-ae")[0].decoder
 
 
 # ---------------------------------------------------------------------------------------------------------

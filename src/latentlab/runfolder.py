@@ -107,6 +107,20 @@ class Run:
         _atomic_write(path, lambda f: torch.save(checkpoint, f))
         return path
 
+    def load_model(self, name: str, model_class, command: str):
+        """Rebuild `model_class` from checkpoint `name` without flags; returns (model in eval mode, checkpoint).
+
+        `command` is the latentlab subcommand that makes the checkpoint, named in the error when it is missing.
+        """
+        ckpt = self.load_checkpoint(name, needed_by=f"train it with `latentlab {command} --run {self.root}`")
+        try:
+            model = model_class(**ckpt["model_args"])
+            model.load_state_dict(ckpt["state_dict"])
+        except (RuntimeError, TypeError) as e:
+            raise LatentlabError(f"{self.checkpoints / (name + '.pt')}: weights do not fit the model "
+                                 f"({str(e)[:80]})") from None
+        return model.eval(), ckpt
+
     def load_checkpoint(self, name: str, *, needed_by: str | None = None) -> dict:
         path = self.checkpoints / f"{name}.pt"
         if not path.is_file():
