@@ -96,10 +96,13 @@ def test_gmm_fits_the_modes_and_scores_validation():
 def test_verdict_says_plainly_when_the_gans_lose():
     def scores(fd, accuracy=0.99):
         return {"frechet_distance": fd, "accuracy": accuracy}
-    floor = {"train_vs_test_frechet_distance": 0.5, "reconstruction_frechet_distance": 4.0}
+    floor = {"train_vs_test_frechet_distance": 0.5, "reconstruction_frechet_distance": 4.0,
+             "train_reconstruction_frechet_distance": 5.0}
     losing = verdict(scores(9.0), scores(8.0), {"gmm": scores(7.0), "gmm_per_digit": scores(6.0)}, floor)
     assert losing.startswith("The GANs do not beat the Gaussian mixture")
     assert "9.00" in losing and "7.00" in losing and "4.00" in losing
+    # the distance target in scale: 1.5 x 4.00, and what exact codes reach (5.00 = 1.25x)
+    assert "is 6.00" in losing and "scores 5.00 (1.25x)" in losing
     winning = verdict(scores(5.0), scores(4.5), {"gmm": scores(7.0), "gmm_per_digit": scores(6.0)}, floor)
     assert winning.startswith("Both GANs beat")
     mixed = verdict(scores(5.0), scores(8.0), {"gmm": scores(7.0), "gmm_per_digit": scores(6.0)}, floor)

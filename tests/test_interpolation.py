@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from latentlab.interpolation import KINDS, interpolate, step_lengths
+from latentlab.interpolation import KINDS, compare, interpolate, step_lengths
 from latentlab.pipeline import Pipeline
 from latentlab.runfolder import Run
 from tests.conftest import tiny_config
@@ -39,6 +39,17 @@ def test_step_lengths_are_relative_to_the_endpoint_distance():
     assert step_lengths(even)["step_max"] == pytest.approx(1 / 9)
     jumpy = np.array([[[0.0], [0.0], [0.0], [1.0]]])                       # all the way in one step
     assert step_lengths(jumpy) == pytest.approx({"step_mean": 1 / 3, "step_max": 1.0})
+
+
+def test_compare_counts_a_difference_only_beyond_twice_its_standard_error():
+    def path(confidence, fd, se):
+        return {"mean_confidence": confidence, "mean_confidence_se": se, "min_confidence": confidence,
+                "min_confidence_se": se, "frechet_distance": fd, "frechet_distance_se": se}
+    real = path(0.90, 50.0, 0.01)
+    assert compare(path(0.95, 40.0, 0.01), real) == {"mean_confidence": 1, "min_confidence": 1, "frechet_distance": 1}
+    assert compare(path(0.85, 60.0, 0.01), real) == {"mean_confidence": -1, "min_confidence": -1, "frechet_distance": -1}
+    # the same differences with large standard errors are noise
+    assert set(compare(path(0.95, 40.0, 10.0), path(0.90, 50.0, 10.0)).values()) == {0}
 
 
 def test_stage_scores_every_kind_and_states_a_verdict(gan_run, tmp_path):

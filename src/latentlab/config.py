@@ -45,7 +45,7 @@ class GANConfig:
     batch_size: int = 64          # small batches: more steps in the time budget, which helped more
     lr: float = 1e-3              # Adam, betas (0.5, 0.999), for G and D
     loss: str = "nonsaturating"   # "nonsaturating" or "hinge"
-    r1: float = 10.0              # R1 gradient penalty weight on real codes (0 = off)
+    r1: float = 1.0               # R1 gradient penalty weight on real codes (0 = off)
     r1_every: int = 4             # apply it every this many steps (lazy regularisation)
     ema: float = 0.999            # keep an exponential moving average of G's weights (0 = the last step's G)
     checkpoint_every: int = 1000  # save the generator this often, so a divergence keeps the last good one
@@ -152,6 +152,10 @@ def validate(config: Config) -> None:
         raise LatentlabError(f"fewshot.balance={config.fewshot.balance}: must be between 0 and 1")
     if config.fewshot.draw not in ("balanced", "random"):
         raise LatentlabError(f"fewshot.draw={config.fewshot.draw}: choose balanced or random")
+    positive("interpolation", "pairs", "steps")
+    if config.interpolation.pairs < 2 or config.interpolation.steps < 3:
+        raise LatentlabError(f"interpolation.pairs={config.interpolation.pairs}, steps={config.interpolation.steps}: "
+                             "need at least 2 pairs and 3 steps (two endpoints and one image between)")
     for section in ("gan", "cgan"):
         positive(section, "steps", "noise_dim", "hidden", "batch_size", "r1_every", "checkpoint_every", "log_every")
         gan = getattr(config, section)

@@ -16,6 +16,7 @@ from latentlab.errors import LatentlabError
 KINDS = ("linear_noise", "spherical_noise", "real_codes")
 LABELS = {"linear_noise": "GAN noise, linear", "spherical_noise": "GAN noise, spherical",
           "real_codes": "real test images, AE codes"}
+SHORT = {"linear_noise": "linear GAN-noise", "spherical_noise": "spherical GAN-noise", "real_codes": "real-code"}
 
 
 def interpolate(a: torch.Tensor, b: torch.Tensor, steps: int, kind: str = "linear") -> torch.Tensor:
@@ -47,8 +48,14 @@ def step_lengths(points: np.ndarray) -> dict:
     return {"step_mean": float(relative.mean()), "step_max": float(relative.max(1).mean())}
 
 
-def score_paths(images: torch.Tensor, classifier, test_features: np.ndarray) -> dict:
-    """Digit-likeness and smoothness of paths of images (pairs, steps, 1, 28, 28)."""
+def score_paths(images: torch.Tensor, classifier, test_features: np.ndarray, rng: np.random.Generator,
+                resamples: int = 30) -> dict:
+    """Digit-likeness and smoothness of paths of images (pairs, steps, 1, 28, 28).
+
+    Only the in-between images count for digit-likeness (the endpoints are samples or reconstructions).
+    Each number comes with its standard error over pairs (`*_se`; the Frechet distance's by a bootstrap
+    over pairs), so the verdict can tell a difference from noise.
+    """
     from latentlab.classifier import features, predict_proba
     from latentlab.metrics import frechet_distance
 
@@ -56,41 +63,75 @@ def score_paths(images: torch.Tensor, classifier, test_features: np.ndarray) -> 
     flat = images.reshape(pairs * steps, 1, 28, 28)
     confidence = predict_proba(classifier, flat).max(1).reshape(pairs, steps)
     feats = features(classifier, flat).reshape(pairs, steps, -1)
-    inner = slice(1, steps - 1)  # the in-between images; the endpoints are samples or reconstructions
+    inner = slice(1, steps - 1)
+    per_pair_mean, per_pair_min = confidence[:, inner].mean(1), confidence[:, inner].min(1)
+    between = feats[:, inner]
+
+    def fd(rows):
+        return frechet_distance(between[rows].reshape(-1, feats.shape[2]), test_features)
+
+    bootstrap = [fd(rng.integers(0, pairs, pairs)) for _ in range(resamples)]
     pixel = step_lengths(flat.reshape(pairs, steps, -1).double().numpy())
     feature = step_lengths(feats)
     return {
-        "mean_confidence": float(confidence[:, inner].mean()),
-        "min_confidence": float(confidence[:, inner].min(1).mean()),   # mean over pairs of each path's lowest
+        "mean_confidence": float(per_pair_mean.mean()),
+        "mean_confidence_se": float(per_pair_mean.std(ddof=1) / np.sqrt(pairs)),
+        "min_confidence": float(per_pair_min.mean()),   # mean over pairs of each path's least confident image
+        "min_confidence_se": float(per_pair_min.std(ddof=1) / np.sqrt(pairs)),
         "endpoint_confidence": float(confidence[:, [0, -1]].mean()),
-        "frechet_distance": frechet_distance(feats[:, inner].reshape(-1, feats.shape[2]), test_features),
+        "frechet_distance": fd(np.arange(pairs)),
+        "frechet_distance_se": float(np.std(bootstrap, ddof=1)),
         "pixel_step_mean": pixel["step_mean"], "pixel_step_max": pixel["step_max"],
         "feature_step_mean": feature["step_mean"], "feature_step_max": feature["step_max"],
     }
 
 
-def verdict(results: dict, floor: float, steps: int) -> str:
-    """One measured sentence: which kind of path is more digit-like along the way, and which is smoother."""
-    lin, sph, real = (results[k] for k in KINDS)
-    gan_conf = max(lin["mean_confidence"], sph["mean_confidence"])
-    more = "GAN-noise" if gan_conf > real["mean_confidence"] else "real-code"
-    less = "real-code" if more == "GAN-noise" else "GAN-noise"
-    fd_agrees = (min(lin["frechet_distance"], sph["frechet_distance"]) < real["frechet_distance"]) == (more == "GAN-noise")
-    smoother = min(KINDS, key=lambda k: results[k]["feature_step_max"])
-    text = (
-        f"{more} paths are more digit-like along the way than {less} paths: in-between images have mean "
-        f"classifier confidence {lin['mean_confidence']:.3f} (GAN noise, linear) / {sph['mean_confidence']:.3f} "
-        f"(spherical) vs {real['mean_confidence']:.3f} (real codes), the least confident image per path averages "
-        f"{lin['min_confidence']:.3f} / {sph['min_confidence']:.3f} vs {real['min_confidence']:.3f}, and their "
-        f"Frechet distance to the test set is {lin['frechet_distance']:.1f} / {sph['frechet_distance']:.1f} vs "
-        f"{real['frechet_distance']:.1f} (real validation images of the same number: {floor:.1f})"
-        + ("" if fd_agrees else ", which disagrees with the confidence") + ". "
-        f"Smoothest in classifier features: {LABELS[smoother]} (largest step {results[smoother]['feature_step_max']:.3f} "
-        f"of the endpoint distance; an even pace is {1 / (steps - 1):.3f}). "
-        + ("This agrees with the reference report's judgement." if more == "GAN-noise"
-           else "This contradicts the reference report, which judged the GAN rows more digit-like.")
+# the digit-likeness measures: (key, True when higher is better, words)
+MEASURES = (("mean_confidence", True, "mean classifier confidence"),
+            ("min_confidence", True, "the least confident image per path"),
+            ("frechet_distance", False, "Frechet distance to the test set"))
+
+
+def compare(gan: dict, real: dict) -> dict:
+    """Per measure: +1 if the GAN path is better by more than twice the combined standard error, -1 if worse, 0 if not."""
+    outcome = {}
+    for key, higher_better, _ in MEASURES:
+        diff = (gan[key] - real[key]) * (1 if higher_better else -1)
+        noise = 2 * np.hypot(gan[f"{key}_se"], real[f"{key}_se"])
+        outcome[key] = 0 if abs(diff) <= noise else int(np.sign(diff))
+    return outcome
+
+
+def verdict(results: dict, floor: float, steps: int, pairs: int) -> str:
+    """The measured answer to the reference's claim that GAN rows are more digit-like along the way."""
+    real = results["real_codes"]
+    words = {1: "GAN better", -1: "real codes better", 0: "within noise"}
+    parts, scores = [], {}
+    for kind, name in (("linear_noise", "linear"), ("spherical_noise", "spherical")):
+        outcome = compare(results[kind], real)
+        scores[kind] = sum(outcome.values())
+        detail = "; ".join(f"{text} {results[kind][key]:.{digits}f} vs {real[key]:.{digits}f} ({words[outcome[key]]})"
+                           for (key, _, text), digits in zip(MEASURES, (3, 3, 1)))
+        parts.append(f"GAN noise, {name}: {detail}")
+    if all(v > 0 for v in scores.values()):
+        answer = "GAN-noise paths are more digit-like along the way than real-code paths, as the reference judged"
+    elif all(v < 0 for v in scores.values()):
+        answer = "real-code paths are more digit-like along the way than GAN-noise paths, against the reference's judgement"
+    elif any(v > 0 for v in scores.values()) and not any(v < 0 for v in scores.values()):
+        answer = "only one GAN-noise interpolation is more digit-like than real-code paths; the reference's claim holds in part"
+    else:
+        answer = ("neither kind of path is clearly more digit-like along the way: the measures disagree or the "
+                  "differences are within noise, so the reference's judgement is not borne out")
+    smoothest = min(KINDS, key=lambda k: results[k]["feature_step_max"])
+    return (
+        f"Over {pairs} random pairs ({steps - 2} in-between images each), {answer}. "
+        + ". ".join(parts)
+        + f" (differences count only beyond twice their standard error; real validation images of the same number "
+        f"have Frechet distance {floor:.1f}). Smoothness: the largest step along a path, relative to the endpoint "
+        f"distance in classifier features, is {results['linear_noise']['feature_step_max']:.3f} (linear noise), "
+        f"{results['spherical_noise']['feature_step_max']:.3f} (spherical), {real['feature_step_max']:.3f} (real codes), "
+        f"against {1 / (steps - 1):.3f} for an even pace: the {SHORT[smoothest]} paths change most evenly."
     )
-    return text
 
 
 def stage(ctx: Context) -> dict:
@@ -102,8 +143,6 @@ def stage(ctx: Context) -> dict:
     from latentlab.metrics import frechet_distance
 
     cfg = ctx.config.interpolation
-    if cfg.steps < 3:
-        raise LatentlabError(f"interpolation.steps={cfg.steps}: need at least 3 (two endpoints and one between)")
     set_threads(2)
     gan = load_gan(ctx.run, conditional=False)
     decoder = ctx.autoencoder.decoder
@@ -131,7 +170,8 @@ def stage(ctx: Context) -> dict:
     val = ctx.images("val")
     floor_index = torch.randperm(len(val), generator=rng)[:n_between]
     floor = frechet_distance(features(classifier, val[floor_index]), test_features)
-    results = {k: score_paths(images[k], classifier, test_features) for k in KINDS}
+    bootstrap_rng = np.random.default_rng(ctx.config.seed * 1000 + 7)
+    results = {k: score_paths(images[k], classifier, test_features, bootstrap_rng) for k in KINDS}
 
     figures.grid_figure(torch.cat([images[k][0] for k in KINDS]), ctx.run.figures / "interpolation.png",
                         rows=len(KINDS), cols=cfg.steps, row_labels=[LABELS[k] for k in KINDS],
@@ -140,5 +180,5 @@ def stage(ctx: Context) -> dict:
         "pairs": cfg.pairs, "steps": cfg.steps, "in_between_images": n_between,
         **{k: {m: round(v, 4) for m, v in r.items()} for k, r in results.items()},
         "frechet_floor_same_count": round(floor, 4),
-        "verdict": verdict(results, floor, cfg.steps),
+        "verdict": verdict(results, floor, cfg.steps, cfg.pairs),
     }}
