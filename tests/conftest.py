@@ -35,14 +35,20 @@ def tiny_config(**top):
     return config
 
 
+def trained_run(folder, config, stages) -> Run:
+    """A new run folder with `config` written and `stages` run in order."""
+    run = Run(folder, create=True)
+    pipeline = Pipeline(run, config)
+    pipeline.write_config()
+    for stage in stages:
+        pipeline.run_stage(stage)
+    return run
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A run folder with a tiny trained autoencoder. Tests that change it must copy it first."""
-    run = Run(tmp_path_factory.mktemp("tiny_run"), create=True)
-    pipeline = Pipeline(run, tiny_config())
-    pipeline.write_config()
-    pipeline.run_stage("autoencoder")
-    return run
+    return trained_run(tmp_path_factory.mktemp("tiny_run"), tiny_config(), ["autoencoder"])
 
 
 @pytest.fixture(scope="session")
@@ -75,9 +81,5 @@ def demo_config():
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     """A run with an AE, classifier, both GANs and a report, for the web demo's tests (~45 s of CPU time)."""
-    run = Run(tmp_path_factory.mktemp("demo_run"), create=True)
-    pipeline = Pipeline(run, demo_config())
-    pipeline.write_config()
-    for stage in ("autoencoder", "classifier", "gan", "cgan", "report"):
-        pipeline.run_stage(stage)
-    return run
+    return trained_run(tmp_path_factory.mktemp("demo_run"), demo_config(),
+                       ["autoencoder", "classifier", "gan", "cgan", "report"])

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from latentlab.classifier import as_images, features, load_classifier, predict_proba, train_classifier
+from latentlab.classifier import (as_images, features, features_and_proba, load_classifier, predict_proba,
+                                  train_classifier)
 from latentlab.config import ClassifierConfig
 from latentlab.context import Context
 from latentlab.errors import LatentlabError
@@ -44,6 +45,15 @@ def test_uint8_and_float_images_give_the_same_outputs():
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     with pytest.raises(LatentlabError, match="uint8"):
         as_images(pixels.astype(np.int64))
+
+
+def test_one_pass_gives_the_same_features_and_probabilities_as_two():
+    torch.manual_seed(0)
+    model = DigitClassifier(width=8).eval()
+    pixels = np.random.default_rng(1).integers(0, 256, size=(7, 28, 28), dtype=np.uint8)
+    feats, proba = features_and_proba(model, pixels, batch_size=3)
+    np.testing.assert_allclose(feats, features(model, pixels), atol=1e-6)  # batches of 3 vs 1000: rounding only
+    np.testing.assert_allclose(proba, predict_proba(model, pixels), atol=1e-6)
 
 
 def test_learns_digits_from_a_small_slice(tiny_run):

@@ -44,6 +44,15 @@ def features(model: DigitClassifier, images, batch_size: int = 1000) -> np.ndarr
     return _batched(model.features, model, images, batch_size).astype(np.float64)
 
 
+def features_and_proba(model: DigitClassifier, images, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """`features` and `predict_proba` in one pass: the head applied to the penultimate features gives the logits."""
+    feats = features(model, images, batch_size)
+    with torch.no_grad():
+        head_input = torch.from_numpy(feats).float().to(next(model.parameters()).device)
+        proba = model.head(head_input).softmax(dim=1).cpu().numpy()
+    return feats, proba
+
+
 def accuracy(model: DigitClassifier, images, labels) -> float:
     return float((predict_proba(model, images).argmax(axis=1) == np.asarray(labels)).mean())
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from latentlab import figures
 from latentlab.autoencoder import decode
-from latentlab.classifier import features, load_classifier
+from latentlab.classifier import features_and_proba, load_classifier
 from latentlab.context import Context, set_threads
 from latentlab.metrics import frechet_distance, one_blas_thread, precision_recall
 
@@ -37,10 +37,8 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def embed(classifier, images) -> tuple[np.ndarray, np.ndarray]:
     """(features (N, F), predicted digit (N,)) in one pass: the head applied to the features gives the logits."""
-    feats = features(classifier, images)
-    with torch.no_grad():
-        predicted = classifier.head(torch.from_numpy(feats).float()).argmax(dim=1).numpy()
-    return feats, predicted
+    feats, proba = features_and_proba(classifier, images)
+    return feats, proba.argmax(axis=1)
 
 
 def distances(real: np.ndarray, fake: np.ndarray, k: int) -> dict:

@@ -94,7 +94,7 @@ def train_gan(cfg: GANConfig, codes: torch.Tensor, labels: torch.Tensor | None =
     # an exponential moving average of G's weights samples better than G's last step (Yazici et al. 2019);
     # a plain lerp per tensor (torch's AveragedModel walks the module tree each step: 8% of a step here)
     keep = copy.deepcopy(netG).requires_grad_(False) if cfg.ema > 0 else netG
-    averaged = list(zip(keep.parameters(), netG.parameters()))
+    averaged = list(zip(keep.parameters(), netG.parameters())) if cfg.ema > 0 else []
     rng = torch.Generator().manual_seed(seed)
     history = {"step": [], "loss_d": [], "loss_g": [], "r1": []}
     sums, last_saved = np.zeros(3), None
@@ -122,10 +122,9 @@ def train_gan(cfg: GANConfig, codes: torch.Tensor, labels: torch.Tensor | None =
         optimizerG.zero_grad(set_to_none=True)
         loss_g.backward()
         optimizerG.step()
-        if cfg.ema > 0:
-            with torch.no_grad():
-                for average, current in averaged:
-                    average.lerp_(current, 1 - cfg.ema)
+        with torch.no_grad():
+            for average, current in averaged:
+                average.lerp_(current, 1 - cfg.ema)
 
         values = (loss_d.item(), loss_g.item(), penalty.item())
         # divergence: a NaN/inf anywhere, or a loss far beyond what training ever shows (abs(nan) < x is False)

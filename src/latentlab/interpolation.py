@@ -56,13 +56,14 @@ def score_paths(images: torch.Tensor, classifier, test_features: np.ndarray, rng
     Each number comes with its standard error over pairs (`*_se`; the Frechet distance's by a bootstrap
     over pairs), so the verdict can tell a difference from noise.
     """
-    from latentlab.classifier import features, predict_proba
+    from latentlab.classifier import features_and_proba
     from latentlab.metrics import frechet_distance
 
     pairs, steps = images.shape[:2]
     flat = images.reshape(pairs * steps, 1, 28, 28)
-    confidence = predict_proba(classifier, flat).max(1).reshape(pairs, steps)
-    feats = features(classifier, flat).reshape(pairs, steps, -1)
+    feats, proba = features_and_proba(classifier, flat)
+    confidence = proba.max(1).reshape(pairs, steps)
+    feats = feats.reshape(pairs, steps, -1)
     inner = slice(1, steps - 1)
     per_pair_mean, per_pair_min = confidence[:, inner].mean(1), confidence[:, inner].min(1)
     between = feats[:, inner]
