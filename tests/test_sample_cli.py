@@ -87,3 +87,26 @@ def test_the_installed_command_exits_2_without_a_traceback(gan_run, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr == "latentlab: error: --digit 12: must be a digit from 0 to 9\n"
+
+
+def test_checkpoints_of_the_wrong_kind_are_one_line_errors(gan_run, tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    run = shutil.copytree(gan_run.root, tmp_path / "run")
+    good = torch.load(run / "checkpoints" / "gan.pt", weights_only=True)
+    cases = [
+        ("gan.pt", {k: v for k, v in good.items() if k != "code_mean"}, [], "gan.pt: not a usable gan checkpoint"),
+        ("gan.pt", {k: v for k, v in good.items() if k != "model_args"}, [], "gan.pt: not a latentlab checkpoint"),
+        ("gan.pt", {**good, "model_args": {**good["model_args"], "hidden": 7}}, [], "gan.pt: weights do not fit the model"),
+        ("autoencoder.pt", {"kind": "autoencoder", "model_args": {}, "state_dict": {}}, [],
+         "autoencoder.pt: weights do not fit the model"),
+    ]
+    for name, checkpoint, extra, message in cases:
+        saved = (run / "checkpoints" / name).read_bytes()
+        torch.save(checkpoint, run / "checkpoints" / name)
+        assert main(["sample", "--run", str(run), "--count", "4", "--out", str(tmp_path / "x.png"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("latentlab: error: ") and message in err and err.count("\n") == 1, err
+        (run / "checkpoints" / name).write_bytes(saved)

@@ -184,15 +184,13 @@ def sample_images(gan: LatentGAN, decoder, count: int, *, digit=None, seed: int 
 
 def load_gan(run: Run, conditional: bool) -> LatentGAN:
     name = "cgan" if conditional else "gan"
-    command = "train-cgan" if conditional else "train-gan"
-    ckpt = run.load_checkpoint(name, needed_by=f"train it with `latentlab {command} --run {run.root}`")
+    generator, ckpt = run.load_model(name, Generator, "train-cgan" if conditional else "train-gan")
     try:
-        generator = Generator(**ckpt["model_args"])
-        generator.load_state_dict(ckpt["state_dict"])
         mean, std = ckpt["code_mean"].float(), ckpt["code_std"].float()
-    except (RuntimeError, TypeError, KeyError, AttributeError) as e:
-        raise LatentlabError(f"{run.checkpoints / (name + '.pt')}: not a usable {name} checkpoint ({str(e)[:80]})") from None
-    return LatentGAN(generator.eval(), mean, std, generator.noise_dim, conditional)
+    except (KeyError, AttributeError) as e:
+        raise LatentlabError(f"{run.checkpoints / (name + '.pt')}: not a usable {name} checkpoint "
+                             f"(no code statistics: {str(e)[:80]})") from None
+    return LatentGAN(generator, mean, std, generator.noise_dim, conditional)
 
 
 def load_decoder(run: Run):

@@ -117,8 +117,8 @@ class Run:
             model = model_class(**ckpt["model_args"])
             model.load_state_dict(ckpt["state_dict"])
         except (RuntimeError, TypeError) as e:
-            raise LatentlabError(f"{self.checkpoints / (name + '.pt')}: weights do not fit the model "
-                                 f"({str(e)[:80]})") from None
+            detail = " ".join(str(e).split())[:80]  # torch's message spans lines; the error is one
+            raise LatentlabError(f"{self.checkpoints / (name + '.pt')}: weights do not fit the model ({detail})") from None
         return model.eval(), ckpt
 
     def load_checkpoint(self, name: str, *, needed_by: str | None = None) -> dict:
