@@ -10,7 +10,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from latentlab import data
+from latentlab import data, pixels
 from latentlab.config import make_config
 from latentlab.context import set_threads
 from latentlab.models import Autoencoder
@@ -23,7 +23,7 @@ def throughput(steps: int = 60, batch_size: int = 128) -> float:
     cfg = make_config().autoencoder
     model = Autoencoder(latent_dim=cfg.latent_dim, width=cfg.width)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    x = data.to_tensor(data.load().train_images[:batch_size])
+    x = pixels.to_float(data.load().train_images[:batch_size])
     for step in range(steps + 5):
         if step == 5:  # warm-up done
             start = time.perf_counter()

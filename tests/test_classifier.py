@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from latentlab.classifier import (as_images, features, features_and_proba, load_classifier, predict_proba,
-                                  train_classifier)
+from latentlab import pixels as pixel_forms
+from latentlab.classifier import features, features_and_proba, load_classifier, predict_proba, train_classifier
 from latentlab.config import ClassifierConfig
 from latentlab.context import Context
 from latentlab.errors import LatentlabError
@@ -38,13 +38,13 @@ def test_uint8_and_float_images_give_the_same_outputs():
     as_float = torch.from_numpy(pixels).float().div(255).unsqueeze(1)
     np.testing.assert_allclose(predict_proba(model, pixels), predict_proba(model, as_float), atol=1e-6)
     feats = features(model, pixels, batch_size=2)
-    assert feats.shape == (5, 128) and feats.dtype == np.float64
+    assert feats.shape == (5, 128) and feats.dtype == torch.float32 and feats.device.type == "cpu"
     np.testing.assert_allclose(feats, features(model, as_float), atol=1e-5)
     probs = predict_proba(model, as_float)
     assert probs.shape == (5, 10)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     with pytest.raises(LatentlabError, match="uint8"):
-        as_images(pixels.astype(np.int64))
+        pixel_forms.to_float(pixels.astype(np.int64))
 
 
 def test_one_pass_gives_the_same_features_and_probabilities_as_two():

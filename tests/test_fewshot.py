@@ -77,7 +77,8 @@ def test_metrics_figures_and_saved_draws(first):
         info = fs["methods"][name]
         assert set(info["test_accuracy"]) == {"mean", "std", "min"} and len(info["per_draw"]) == 2
         assert info["transductive"] is False
-        assert 0 <= info["test_accuracy"]["min"] <= info["test_accuracy"]["mean"] <= 1
+        assert info["test_accuracy"]["min"] == pytest.approx(min(info["per_draw"]), abs=1e-4)
+        assert info["test_accuracy"]["mean"] == pytest.approx(np.mean(info["per_draw"]), abs=1e-4)
     assert len([n for n in fs["methods"] if n.endswith("_end_to_end")]) >= 4
     assert fs["best_method"] in fs["methods"]
     curves = fs["curves"]

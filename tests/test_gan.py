@@ -29,7 +29,7 @@ def test_gan_stages_write_checkpoints_figures_and_metrics(gan_run):
         assert section["history"]["step"][-1] == 50
         assert (gan_run.figures / f"{name}_samples.png").stat().st_size > 1000
         gan = load_gan(gan_run, conditional=conditional)
-        assert gan.conditional is conditional and gan.code_mean.shape == gan.code_std.shape == (16,)
+        assert gan.conditional is conditional and gan.stats.mean.shape == gan.stats.std.shape == (16,)
         assert torch.load(gan_run.checkpoints / f"{name}.pt", weights_only=True)["step"] == 50
 
 
@@ -38,7 +38,7 @@ def test_generated_codes_are_unstandardised(gan_run):
     noise = torch.randn(5, gan.noise_dim, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         raw = gan.generator(noise)
-    assert torch.allclose(generate_codes(gan, noise), raw * gan.code_std + gan.code_mean)
+    assert torch.allclose(generate_codes(gan, noise), raw * gan.stats.std + gan.stats.mean)
     cgan = load_gan(gan_run, conditional=True)
     with pytest.raises(LatentlabError, match="needs a digit"):
         generate_codes(cgan, noise)

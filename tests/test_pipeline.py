@@ -23,45 +23,87 @@ def _counting_stage(ctx):
     return {"after": {"draws": ctx.config.fewshot.draws}}
 
 
+def _independent_stage(ctx):
+    CALLS.append("independent")
+    (ctx.run.root / "independent.txt").write_text("done")
+    return {"independent": {"seed": ctx.config.seed}}
+
+
 @pytest.fixture
-def two_stages(monkeypatch):
-    """The real autoencoder stage, then a cheap stage that reads the fewshot settings."""
+def three_stages(monkeypatch):
+    """The real autoencoder stage, a cheap stage that reads it and the fewshot settings, and one that reads nothing."""
     CALLS.clear()
-    stages = [pipeline.STAGES[0], Stage("after", _counting_stage, ("fewshot",), ("after.txt",))]
+    stages = [pipeline.STAGES[0], Stage("after", _counting_stage, ("fewshot",), ("after.txt",), ("autoencoder",)),
+              Stage("independent", _independent_stage, ("classifier",), ("independent.txt",), ())]
     monkeypatch.setattr(pipeline, "STAGES", stages)
 
 
-def test_second_run_skips_and_changed_setting_redoes_that_stage_and_later(tmp_path, two_stages):
+def test_second_run_skips_and_changed_setting_redoes_that_stage_and_its_readers(tmp_path, three_stages):
     run = Run(tmp_path / "r", create=True)
     config = tiny_config()
-    Pipeline(run, config).run_all()
+    Pipeline(run, config).run_all(workers=1)  # the test's stages live in this process only
     first = json.loads((run.root / "stages.json").read_text())
-    assert set(first) == {"autoencoder", "after"} and CALLS == [2]
+    assert set(first) == {"autoencoder", "after", "independent"} and CALLS == [2, "independent"]
 
-    start = time.perf_counter()
-    Pipeline(run, config).run_all()
-    assert time.perf_counter() - start < 5
+    Pipeline(run, config).run_all(workers=1)
     assert json.loads((run.root / "stages.json").read_text()) == first  # nothing redone
-    assert CALLS == [2]
+    assert CALLS == [2, "independent"]
 
     config.fewshot.draws = 3  # only the second stage's settings change
-    Pipeline(run, config).run_all()
+    Pipeline(run, config).run_all(workers=1)
     again = json.loads((run.root / "stages.json").read_text())
     assert again["autoencoder"] == first["autoencoder"] and again["after"]["hash"] != first["after"]["hash"]
-    assert CALLS == [2, 3]
+    assert again["independent"] == first["independent"]
+    assert CALLS == [2, "independent", 3]
 
-    config.autoencoder.epochs = 2  # an early setting changes: it and every later stage are redone
-    Pipeline(run, config).run_all()
-    assert CALLS == [2, 3, 3]
-    assert json.loads((run.root / "stages.json").read_text())["autoencoder"]["hash"] != first["autoencoder"]["hash"]
+    config.autoencoder.epochs = 2  # the AE changes: it and the stage reading it are redone, not the other
+    Pipeline(run, config).run_all(workers=1)
+    assert CALLS == [2, "independent", 3, 3]
+    last = json.loads((run.root / "stages.json").read_text())
+    assert last["autoencoder"]["hash"] != first["autoencoder"]["hash"] and last["independent"] == first["independent"]
     metrics = run.metrics()
     assert metrics["autoencoder"]["epochs"] == 2 and metrics["after"] == {"draws": 3}
-    assert {"autoencoder", "after", "total"} <= set(metrics["timings_s"])
+    assert {"autoencoder", "after", "independent", "total", "this_invocation"} <= set(metrics["timings_s"])
 
 
-def test_missing_output_makes_a_stage_undone(tmp_path, two_stages):
+def test_dependents_follow_the_graph():
+    assert pipeline.dependents("classifier") == {"interpolation", "evaluation", "report"}
+    assert pipeline.dependents("autoencoder") == set(pipeline.stage_names()) - {"autoencoder", "classifier"}
+    assert pipeline.dependents("report") == set()
+    for stage in pipeline.STAGES:  # every stage comes after what it reads, so hashes chain in one pass
+        names = pipeline.stage_names()
+        assert all(names.index(r) < names.index(stage.name) for r in stage.reads)
+
+
+def test_a_fewshot_setting_changes_no_gan_hash():
+    config = tiny_config()
+    before = pipeline.stage_hashes(config)
+    config.fewshot.neighbours += 1
+    after = pipeline.stage_hashes(config)
+    changed = {name for name in before if before[name] != after[name]}
+    assert changed == {"fewshot", "report"}
+
+
+def test_stages_side_by_side_record_both(tmp_path, tiny_run, monkeypatch):
+    """Two workers: the classifier runs in a child process beside the GAN; both are recorded with their outputs."""
+    import shutil
+
+    run = Run(shutil.copytree(tiny_run.root, tmp_path / "r", ignore=shutil.ignore_patterns(".lock")))
+    config = tiny_config()
+    pipe = Pipeline(run, config)
+    monkeypatch.setattr(pipeline, "STAGES", [s for s in pipeline.STAGES if s.name in ("autoencoder", "classifier", "gan")])
+    pipe.run_all(workers=2)
+    records = json.loads((run.root / "stages.json").read_text())
+    assert {"autoencoder", "classifier", "gan"} <= set(records)
+    assert (run.checkpoints / "classifier.pt").exists() and (run.checkpoints / "gan.pt").exists()
+    metrics = run.metrics()
+    assert metrics["classifier"]["train_images"] == config.classifier.train_limit
+    assert metrics["gan"]["steps"] == config.gan.steps
+
+
+def test_missing_output_makes_a_stage_undone(tmp_path, three_stages):
     run = Run(tmp_path / "r", create=True)
-    Pipeline(run, tiny_config()).run_all()
+    Pipeline(run, tiny_config()).run_all(workers=1)
     (run.root / "after.txt").unlink()
     assert not Pipeline(run, tiny_config()).is_done("after")
     assert Pipeline(run, tiny_config()).is_done("autoencoder")

@@ -10,46 +10,34 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from latentlab import pixels
 from latentlab.config import ClassifierConfig
-from latentlab.context import Context, set_threads
+from latentlab.context import Context, set_threads, sub_seed
 from latentlab.errors import LatentlabError
-from latentlab.models import DigitClassifier
+from latentlab.models import DigitClassifier, batched, device_of
 from latentlab.runfolder import Run
 
 
-def as_images(images) -> torch.Tensor:
-    """Float tensor (N, 1, 28, 28) in [0, 1], or uint8 array (N, 28, 28) with 255 = ink -> float tensor (N, 1, 28, 28)."""
-    if isinstance(images, np.ndarray):
-        if images.dtype != np.uint8:
-            raise LatentlabError(f"images: expected uint8 pixels 0..255, got {images.dtype}")
-        return torch.from_numpy(images).float().div_(255.0).reshape(len(images), 1, 28, 28)
-    return images.float().reshape(len(images), 1, 28, 28)
+def _batched(fn, model: DigitClassifier, images, batch_size: int) -> torch.Tensor:
+    """fn over images (uint8 arrays or float tensors, anywhere) on the model's device; results stay there."""
+    return batched(fn, pixels.to_float(images), device_of(model.eval()), batch_size)
 
 
-@torch.no_grad()
-def _batched(fn, model: DigitClassifier, images, batch_size: int) -> np.ndarray:
-    model.eval()
-    images = as_images(images)
-    device = next(model.parameters()).device
-    return torch.cat([fn(images[i:i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)]).numpy()
-
-
-def predict_proba(model: DigitClassifier, images, batch_size: int = 1000) -> np.ndarray:
+def predict_proba(model: DigitClassifier, images, batch_size: int = 2000) -> np.ndarray:
     """(N, 10) softmax probabilities."""
-    return _batched(lambda x: model(x).softmax(dim=1), model, images, batch_size)
+    return _batched(lambda x: model(x).softmax(dim=1), model, images, batch_size).cpu().numpy()
 
 
-def features(model: DigitClassifier, images, batch_size: int = 1000) -> np.ndarray:
-    """(N, F) penultimate activations, float64 (for Frechet distance and precision/recall)."""
-    return _batched(model.features, model, images, batch_size).astype(np.float64)
+def features(model: DigitClassifier, images, batch_size: int = 2000) -> torch.Tensor:
+    """(N, F) penultimate activations, on the model's device (for Frechet distance and precision/recall)."""
+    return _batched(model.features, model, images, batch_size)
 
 
-def features_and_proba(model: DigitClassifier, images, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+def features_and_proba(model: DigitClassifier, images, batch_size: int = 2000) -> tuple[torch.Tensor, np.ndarray]:
     """`features` and `predict_proba` in one pass: the head applied to the penultimate features gives the logits."""
     feats = features(model, images, batch_size)
     with torch.no_grad():
-        head_input = torch.from_numpy(feats).float().to(next(model.parameters()).device)
-        proba = model.head(head_input).softmax(dim=1).cpu().numpy()
+        proba = model.head(feats).softmax(dim=1).cpu().numpy()
     return feats, proba
 
 
@@ -68,24 +56,24 @@ def train_classifier(cfg: ClassifierConfig, train: torch.Tensor, train_labels: n
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     # one-cycle: warm up, then anneal to ~0, which is what makes 2-3 epochs enough
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
-    labels = torch.from_numpy(np.asarray(train_labels))
+    train, labels = train.to(device), torch.as_tensor(np.asarray(train_labels)).to(device)
     generator = torch.Generator().manual_seed(seed)
     history = {"train_loss": [], "val_accuracy": []}
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="classifier", unit="step", leave=False)
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="classifier", unit="step", leave=False, mininterval=0.5)
     for epoch in range(cfg.epochs):
         model.train()
-        order = torch.randperm(len(train), generator=generator)
-        total = 0.0
+        order = torch.randperm(len(train), generator=generator).to(device)
+        total = torch.zeros((), device=device)  # summed on the device, read once an epoch
         for step in range(steps_per_epoch):
             batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            loss = F.cross_entropy(model(train[batch].to(device)), labels[batch].to(device))
+            loss = F.cross_entropy(model(train[batch]), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            total += loss.item()
+            total += loss.detach()
             bar.update()
-        history["train_loss"].append(total / steps_per_epoch)
+        history["train_loss"].append(total.item() / steps_per_epoch)
         history["val_accuracy"].append(accuracy(model, val, val_labels))
         bar.set_postfix(epoch=epoch + 1, val_acc=f"{history['val_accuracy'][-1]:.4f}")
     bar.close()
@@ -93,7 +81,8 @@ def train_classifier(cfg: ClassifierConfig, train: torch.Tensor, train_labels: n
 
 
 def checkpoint(model: DigitClassifier, cfg: ClassifierConfig) -> dict:
-    return {"kind": "classifier", "model_args": {"width": cfg.width}, "state_dict": model.state_dict()}
+    return {"kind": "classifier", "model_args": {"width": cfg.width},
+            "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}
 
 
 def load_classifier(run: Run) -> DigitClassifier:
@@ -103,20 +92,19 @@ def load_classifier(run: Run) -> DigitClassifier:
 def stage(ctx: Context) -> dict:
     """Train the classifier on the training split, save it, report validation and test accuracy."""
     cfg = ctx.config.classifier
-    set_threads(2)
+    set_threads(ctx.threads)
     train, train_labels = ctx.images("train"), ctx.labels("train")
     if cfg.train_limit:
         train, train_labels = train[:cfg.train_limit], train_labels[:cfg.train_limit]
     start = time.perf_counter()
     model, history = train_classifier(cfg, train, train_labels, ctx.images("val"), ctx.labels("val"),
-                                      seed=ctx.config.seed + 1, device=ctx.device)
+                                      seed=sub_seed(ctx.config.seed, "classifier"), device=ctx.device)
     train_seconds = time.perf_counter() - start
-    model = model.cpu().eval()
     ctx.run.save_checkpoint("classifier", checkpoint(model, cfg))
     return {"classifier": {
         "test_accuracy": accuracy(model, ctx.images("test"), ctx.labels("test")),
         "val_accuracy": history["val_accuracy"][-1],
         "epochs": cfg.epochs, "train_images": len(train), "train_seconds": round(train_seconds, 2),
-        "feature_dim": model.head[-1].in_features, "width": cfg.width,
+        "feature_dim": model.head[-1].in_features, "width": cfg.width, "device": str(ctx.device),
         "history": {k: [round(v, 6) for v in vs] for k, vs in history.items()},
     }}

@@ -1,5 +1,6 @@
 """The `latentlab` command: `run` does the whole study; each stage also has its own subcommand."""
 import argparse
+import os
 import sys
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -29,7 +30,8 @@ class Parser(argparse.ArgumentParser):
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="random seed of the whole run (default 0, or the run's own)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (auto picks CUDA when present)")
+    p.add_argument("--device", metavar="{auto,cpu,cuda}",
+                   help="where every stage runs (default auto: CUDA when present, else the CPU)")
     p.add_argument("--data-dir", help="folder with the four MNIST-format IDX files (default: the shipped MNIST)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="change any setting, e.g. --set gan.steps=5000 (repeatable; see config.json for names)")
@@ -125,15 +127,25 @@ def resolve_config(args, base=None):
     return config
 
 
+def prepare_device(config) -> None:
+    """Refuse an unavailable device before any work; on CUDA let scikit-learn fit on the GPU (array-API
+    dispatch needs SCIPY_ARRAY_API set before scipy is first imported)."""
+    from latentlab.context import resolve_device
+
+    if resolve_device(config.device).type == "cuda":
+        os.environ.setdefault("SCIPY_ARRAY_API", "1")
+
+
 def cmd_run(args) -> None:
+    config = resolve_config(args)
+    prepare_device(config)
     from latentlab.pipeline import Pipeline, locked
     from latentlab.runfolder import Run
 
-    config = resolve_config(args)
     out = args.out or f"runs/{'mnist' if config.data_dir is None else Path(config.data_dir).name}-seed{config.seed}"
     run = Run(out, create=True)
     with locked(run):
-        Pipeline(run, config).run_all(force=args.force)
+        Pipeline(run, config).run_all(force=args.force, workers=config.stage_workers or None)
     report = run.root / "report.html"
     print(f"latentlab: run finished in {run.root}" + (f"; report: {report}" if report.exists() else ""))
 
@@ -148,6 +160,7 @@ def cmd_stage(args) -> None:
     config_path = run.root / "config.json"
     base = from_dict(read_json(config_path)) if config_path.exists() else None
     config = resolve_config(args, base)
+    prepare_device(config)
     with locked(run):
         pipeline = Pipeline(run, config)
         pipeline.write_config()

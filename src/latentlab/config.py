@@ -75,6 +75,8 @@ class Config:
     device: str = "auto"          # "auto", "cpu" or "cuda"
     data_dir: str | None = None   # a folder of MNIST-format IDX files; None = the shipped MNIST
     quick: bool = False           # a smaller pipeline for a first look
+    stage_workers: int = 0        # stages run side by side (the second in a child process): 0 = 2 where there are
+                                  # 2+ CPU cores, else 1; 1 = one after another. Changes speed, not settings.
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     fewshot: FewshotConfig = field(default_factory=FewshotConfig)
@@ -134,6 +136,8 @@ def validate(config: Config) -> None:
 
     if config.device not in ("auto", "cpu", "cuda"):
         raise LatentlabError(f"--device {config.device}: choose auto, cpu or cuda")
+    if config.stage_workers not in (0, 1, 2):
+        raise LatentlabError(f"stage_workers={config.stage_workers}: choose 0 (automatic), 1 or 2")
     positive("autoencoder", "latent_dim", "width", "epochs", "batch_size")
     if config.autoencoder.lr <= 0:
         raise LatentlabError(f"autoencoder.lr={config.autoencoder.lr}: must be > 0")

@@ -1,24 +1,28 @@
-"""What every stage is handed: the run folder, the settings, the device, and lazily loaded data."""
+"""What every stage is handed: the run folder, the settings, the device, and data loaded once.
+
+Images live on the run's device as float tensors (the shipped MNIST is 47 MB as float32, so a GPU keeps all
+of it resident), and each split's latent codes are encoded once per process by the frozen encoder and kept
+there too. The autoencoder stage calls `autoencoder_changed()` after it saves a new model.
+"""
 import os
-from dataclasses import dataclass, field
-from functools import cached_property
+import zlib
 
 import numpy as np
 import torch
 
-from latentlab import data
+from latentlab import data, pixels
 from latentlab.config import Config
 from latentlab.errors import LatentlabError
-from latentlab.runfolder import Run
+from latentlab.models import Autoencoder, CodeStats, batched
+from latentlab.runfolder import Run, atomic_write
 
 
 def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when present, else the CPU; 'cuda' without a GPU is an error (names: config.validate)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise LatentlabError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    if name not in ("cpu", "cuda"):
-        raise LatentlabError(f"--device {name}: choose auto, cpu or cuda")
     return torch.device(name)
 
 
@@ -27,54 +31,89 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(max(1, min(n, os.cpu_count() or 1)))
 
 
-@dataclass
+def sub_seed(seed: int, purpose: str) -> int:
+    """The seed of one purpose ("gan", "fewshot-draw-3", ...) derived from the run's seed, < 2**32.
+
+    Purposes are mixed in by name, so adding one changes no other; every seed the CLI accepts works.
+    """
+    return int(np.random.SeedSequence([seed, zlib.crc32(purpose.encode())]).generate_state(1)[0])
+
+
 class Context:
-    run: Run
-    config: Config
-    device: torch.device = field(default=torch.device("cpu"))
+    """Lazily loaded data and models for the stages of one run, cached for the life of the process."""
 
-    @cached_property
+    def __init__(self, run: Run, config: Config, device: torch.device = torch.device("cpu"), *, threads: int = 2):
+        self.run, self.config, self.device = run, config, torch.device(device)
+        self.threads = threads   # CPU threads a stage may use (1 while another stage runs beside it)
+        self._dataset: data.Dataset | None = None
+        self._split: dict[str, np.ndarray] | None = None
+        self._images: dict[str, torch.Tensor] = {}
+        self._autoencoder: Autoencoder | None = None
+        self._code_stats: CodeStats | None = None
+        self._codes: dict[str, torch.Tensor] = {}
+
+    @property
     def dataset(self) -> data.Dataset:
-        return data.load(self.config.data_dir)
+        if self._dataset is None:
+            self._dataset = data.load(self.config.data_dir)
+        return self._dataset
 
-    @cached_property
+    @property
     def split(self) -> dict[str, np.ndarray]:
         """The 55k/5k train/validation split, made once per run from its seed and saved in split.npz."""
-        path = self.run.root / "split.npz"
-        if path.exists():
-            try:
-                with np.load(path) as f:
-                    return {"train": f["train"], "val": f["val"]}
-            except Exception as e:
-                raise LatentlabError(f"{path}: damaged split file ({type(e).__name__}); delete it to redraw") from None
-        split = data.split_indices(self.config.seed, len(self.dataset.train_images))
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, **split)
-        os.replace(tmp, path)
-        return split
+        if self._split is None:
+            path = self.run.root / "split.npz"
+            if path.exists():
+                try:
+                    with np.load(path) as f:
+                        self._split = {"train": f["train"], "val": f["val"]}
+                except Exception as e:
+                    raise LatentlabError(f"{path}: damaged split file ({type(e).__name__}); delete it to redraw") from None
+            else:
+                self._split = data.split_indices(self.config.seed, len(self.dataset.train_images))
+                atomic_write(path, lambda f: np.savez(f, **self._split))
+        return self._split
 
     def images(self, part: str) -> torch.Tensor:
-        """(N, 1, 28, 28) float images in [0, 1] of 'train' (55k), 'val' (5k) or 'test' (10k)."""
-        if part == "test":
-            return data.to_tensor(self.dataset.test_images)
-        return data.to_tensor(self.dataset.train_images[self.split[part]])
+        """(N, 1, 28, 28) float images in [0, 1] of 'train' (55k), 'val' (5k) or 'test' (10k), on the device."""
+        if part not in self._images:
+            raw = self.dataset.test_images if part == "test" else self.dataset.train_images[self.split[part]]
+            self._images[part] = pixels.to_float(torch.from_numpy(raw).to(self.device))
+        return self._images[part]
 
     def labels(self, part: str) -> np.ndarray:
         if part == "test":
             return self.dataset.test_labels
         return self.dataset.train_labels[self.split[part]]
 
-    @cached_property
-    def autoencoder(self):
-        from latentlab.autoencoder import load_autoencoder
+    @property
+    def autoencoder(self) -> Autoencoder:
+        """The run's trained autoencoder, frozen, on the device."""
+        if self._autoencoder is None:
+            model, ckpt = self.run.load_model("autoencoder", Autoencoder, "train-ae")
+            self._autoencoder = model.to(self.device).requires_grad_(False)
+            if "code_mean" in ckpt:  # runs before code statistics were kept with the AE compute them below
+                self._code_stats = CodeStats(ckpt["code_mean"].float(), ckpt["code_std"].float())
+        return self._autoencoder
 
-        return load_autoencoder(self.run)
+    def autoencoder_changed(self) -> None:
+        """Forget the loaded AE and every code it made: the next use reloads the newly saved one."""
+        self._autoencoder, self._code_stats = None, None
+        self._codes.clear()
 
     def codes(self, part: str) -> torch.Tensor:
-        """Latent codes (N, latent_dim) of a split, encoded once per process with the frozen encoder."""
-        cache = self.__dict__.setdefault("_codes", {})
-        if part not in cache:
-            from latentlab.autoencoder import encode
+        """Latent codes (N, latent_dim) of a split, on the device, encoded once per process."""
+        if part not in self._codes:
+            self._codes[part] = batched(self.autoencoder.encoder, self.images(part), self.device)
+        return self._codes[part]
 
-            cache[part] = encode(self.autoencoder.encoder, self.images(part))
-        return cache[part]
+    @property
+    def code_stats(self) -> CodeStats:
+        """Mean and std of the training codes, as kept in the AE's checkpoint."""
+        self.autoencoder  # loads the statistics with the model
+        if self._code_stats is None:
+            self._code_stats = CodeStats.of(self.codes("train"))
+        return CodeStats(self._code_stats.mean.to(self.device), self._code_stats.std.to(self.device))
+
+    def standardised_codes(self, part: str) -> torch.Tensor:
+        return self.code_stats.standardise(self.codes(part))

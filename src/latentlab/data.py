@@ -103,10 +103,3 @@ def split_indices(seed: int, n: int = N_TRAIN + N_VAL) -> dict[str, np.ndarray]:
     """Seeded 55,000 / 5,000 train / validation split of the training set."""
     order = np.random.default_rng(seed).permutation(n)
     return {"train": np.sort(order[:N_TRAIN]), "val": np.sort(order[N_TRAIN:N_TRAIN + N_VAL])}
-
-
-def to_tensor(images: np.ndarray):
-    """uint8 (N, 28, 28) -> float32 tensor (N, 1, 28, 28) in [0, 1]."""
-    import torch
-
-    return torch.from_numpy(images).float().div_(255.0).unsqueeze(1)

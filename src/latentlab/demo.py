@@ -30,14 +30,15 @@ from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 
+from latentlab import pixels  # noqa: E402
 from latentlab.autoencoder import decode, encode, load_autoencoder  # noqa: E402
 from latentlab.classifier import load_classifier, predict_proba  # noqa: E402
 from latentlab.config import from_dict  # noqa: E402
 from latentlab.context import Context  # noqa: E402
 from latentlab.errors import LatentlabError  # noqa: E402
-from latentlab.gan import LatentGAN, generate_codes, load_gan, sample_images, write_grid_png  # noqa: E402
+from latentlab.gan import LatentGAN, generate_codes, load_gan, sample_images  # noqa: E402
 from latentlab.interpolation import interpolate  # noqa: E402
-from latentlab.runfolder import Run, read_json  # noqa: E402
+from latentlab.runfolder import Run, atomic_write, read_json  # noqa: E402
 
 MAX_COUNT = 64
 MIN_STEPS, MAX_STEPS = 2, 20
@@ -138,14 +139,7 @@ def grid_shape(count: int) -> tuple[int, int]:
 
 def grid_picture(images: np.ndarray) -> np.ndarray:
     """uint8 (N, 28, 28) -> one uint8 picture: digits SCALE times larger, GAP grey pixels between them."""
-    rows, cols = grid_shape(len(images))
-    cell = 28 * SCALE
-    picture = np.full((rows * cell + (rows - 1) * GAP, cols * cell + (cols - 1) * GAP), GAP_GREY, np.uint8)
-    big = images.repeat(SCALE, axis=1).repeat(SCALE, axis=2)
-    for i, image in enumerate(big):
-        r, c = divmod(i, cols)
-        picture[r * (cell + GAP):r * (cell + GAP) + cell, c * (cell + GAP):c * (cell + GAP) + cell] = image
-    return picture
+    return pixels.grid(images, grid_shape(len(images))[1], pad=GAP, pad_value=GAP_GREY, scale=SCALE)
 
 
 def cells_of(picture: np.ndarray, count: int) -> np.ndarray:
@@ -170,7 +164,7 @@ def generate(models: DemoModels, digit, count, seed) -> dict:
     seed = whole_number(seed, "seed", 0, MAX_SEED)
     gan = models.gan if digit is None else models.cgan
     images = sample_images(gan, models.autoencoder.decoder, count, digit=digit, seed=seed)
-    codes = encode(models.autoencoder.encoder, torch.from_numpy(images).float().div(255).unsqueeze(1))
+    codes = encode(models.autoencoder.encoder, pixels.to_float(images))
     labels = np.full(count, -1 if digit is None else digit, dtype=np.int64)
     return {"images": images, "labels": labels, "picture": grid_picture(images), "codes": codes.numpy(),
             "digit": digit, "count": count, "seed": seed}
@@ -179,24 +173,12 @@ def generate(models: DemoModels, digit, count, seed) -> dict:
 _prune_lock = threading.Lock()
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write through a temporary name, then rename: a visitor asking for the same grid never gets half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_downloads(models: DemoModels, result: dict, keep: int = 256) -> tuple[Path, Path]:
     """The grid as the PNG and the NPZ that `latentlab sample` writes; names come from validated numbers only."""
     name = f"digits-{'any' if result['digit'] is None else result['digit']}-n{result['count']}-seed{result['seed']}"
     png, npz = models.downloads / f"{name}.png", models.downloads / f"{name}.npz"
-    _write_atomic(png, lambda f: write_grid_png(result["images"], f))
-    _write_atomic(npz, lambda f: np.savez(f, images=result["images"], labels=result["labels"]))
+    atomic_write(png, lambda f: pixels.write_grid_png(result["images"], f))
+    atomic_write(npz, lambda f: np.savez(f, images=result["images"], labels=result["labels"]))
     with _prune_lock:  # keep the folder bounded however many visitors ask
         files = sorted(models.downloads.glob("digits-*"), key=lambda p: p.stat().st_mtime)
         for old in files[:-keep]:
@@ -225,15 +207,15 @@ def interpolate_row(models: DemoModels, endpoints, first, second, steps, kind, s
         about = f"conditional GAN: a {a} and a {b} (seed {seed})"
     else:
         i, j = np.random.default_rng(seed).choice(len(models.test_images), 2, replace=False)
-        pair = torch.from_numpy(models.test_images[[i, j]]).float().div(255).unsqueeze(1)
+        pair = pixels.to_float(models.test_images[[i, j]])
         ends = encode(models.autoencoder.encoder, pair)
         about = (f"test image #{i} (a {models.test_labels[i]}) and test image #{j} (a {models.test_labels[j]}), "
                  "through the autoencoder")
     # walk in the codes standardised as the GANs see them: centred, so a spherical path is meaningful
-    mean, std = models.cgan.code_mean, models.cgan.code_std
-    standard = (ends - mean) / std
-    codes = interpolate(standard[0], standard[1], steps, kind) * std + mean
-    images = (decode(models.autoencoder.decoder, codes).squeeze(1).numpy() * 255).round().astype(np.uint8)
+    stats = models.cgan.stats
+    standard = stats.standardise(ends)
+    codes = stats.restore(interpolate(standard[0], standard[1], steps, kind))
+    images = pixels.to_uint8(decode(models.autoencoder.decoder, codes))
     proba = predict_proba(models.classifier, images)
     readings = [(int(p.argmax()), float(p.max())) for p in proba]
     return {"images": images, "readings": readings, "codes": codes.numpy(),

@@ -2,4 +2,10 @@
 
 
 class LatentlabError(Exception):
-    """Bad input from the user: a wrong value, a missing or damaged file, a bad path."""
+    """Bad input from the user: a wrong value, a missing or damaged file, a bad path.
+
+    `sections`: metrics.json sections the pipeline records before it stops (e.g. where a GAN diverged).
+    """
+
+    sections: dict | None = None
+

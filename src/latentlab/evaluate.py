@@ -9,98 +9,104 @@ decoding through this AE can hope for). The Gaussian mixtures are the baseline t
 found hard to beat; the verdict says plainly whether the GANs beat them.
 """
 import time
-import zlib
 
 import numpy as np
 import torch
 from sklearn.mixture import GaussianMixture
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from latentlab import figures
+from latentlab import figures, pixels
 from latentlab.autoencoder import decode
 from latentlab.classifier import features_and_proba, load_classifier
-from latentlab.context import Context, set_threads
-from latentlab.metrics import frechet_distance, one_blas_thread, precision_recall
+from latentlab.context import Context, set_threads, sub_seed
+from latentlab.metrics import Reference
 
 TARGETS = {"cgan_accuracy": 0.99, "cgan_min_digit_accuracy": 0.97, "fd_over_reconstruction_floor": 1.5, "recall": 0.5}
 
 
-def sub_seed(seed: int, name: str) -> int:
-    """A fixed seed per purpose, derived from the run's seed (so adding a purpose changes no other)."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**31
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Decoder output (N, 1, 28, 28) in [0, 1] -> uint8 (N, 28, 28), the same rounding as gan.sample_images."""
-    return images.squeeze(1).mul(255).round().clamp(0, 255).to(torch.uint8).numpy()
-
-
-def embed(classifier, images) -> tuple[np.ndarray, np.ndarray]:
-    """(features (N, F), predicted digit (N,)) in one pass: the head applied to the features gives the logits."""
+def embed(classifier, images) -> tuple[torch.Tensor, np.ndarray]:
+    """(features (N, F) on the classifier's device, predicted digit (N,)) in one pass."""
     feats, proba = features_and_proba(classifier, images)
     return feats, proba.argmax(axis=1)
-
-
-def distances(real: np.ndarray, fake: np.ndarray, k: int) -> dict:
-    return {"frechet_distance": frechet_distance(fake, real), **precision_recall(real, fake, k=k)}
 
 
 def class_histogram(predicted: np.ndarray) -> list[float]:
     return (np.bincount(predicted, minlength=10) / len(predicted)).tolist()
 
 
-def unconditional_quality(classifier, real: np.ndarray, images, k: int) -> dict:
+def unconditional_quality(classifier, real: Reference, images) -> dict:
     feats, predicted = embed(classifier, images)
-    return {**distances(real, feats, k), "class_histogram": class_histogram(predicted), "samples": len(images)}
+    return {**real.distances(feats), "class_histogram": class_histogram(predicted), "samples": len(images)}
 
 
-def conditional_quality(classifier, real: np.ndarray, images, digits: np.ndarray, k: int) -> dict:
+def conditional_quality(classifier, real: Reference, images, digits: np.ndarray) -> dict:
     feats, predicted = embed(classifier, images)
     per_digit = {str(d): float(np.mean(predicted[digits == d] == d)) for d in range(10)}
     return {"accuracy": float(np.mean(predicted == digits)), "accuracy_per_digit": per_digit,
-            "min_digit_accuracy": min(per_digit.values()), **distances(real, feats, k),
+            "min_digit_accuracy": min(per_digit.values()), **real.distances(feats),
             "class_histogram": class_histogram(predicted), "samples": len(images)}
 
 
-def fit_gmm(train: np.ndarray, val: np.ndarray, components: int, seed: int) -> tuple[GaussianMixture, dict]:
-    """A full-covariance mixture on `train`, scored by its mean log-likelihood per code on `val`."""
-    with one_blas_thread():
-        gmm = GaussianMixture(components, covariance_type="full", max_iter=200, random_state=seed).fit(train)
-        score = float(gmm.score(val))
-    return gmm, {"components": components, "covariance_type": "full", "fitted_codes": len(train),
-                 "val_log_likelihood": score}
+def fit_gmm(train: torch.Tensor, val: torch.Tensor, components: int, seed: int) -> tuple[GaussianMixture, dict]:
+    """A full-covariance mixture on `train` codes, scored by its mean log-likelihood per code on `val`.
+
+    On CUDA it fits on the GPU through scikit-learn's array-API dispatch (scikit-learn >= 1.8 with
+    array-api-compat; it needs random initialisation there). Elsewhere, or where that is missing, it fits
+    numpy arrays with k-means initialisation on one BLAS thread (OpenBLAS threads spin on a shared machine).
+    """
+    info = {"components": components, "covariance_type": "full", "fitted_codes": len(train)}
+    if train.device.type == "cuda":
+        try:
+            from sklearn import config_context
+
+            with config_context(array_api_dispatch=True):
+                gmm = GaussianMixture(components, covariance_type="full", max_iter=200, random_state=seed,
+                                      init_params="random_from_data").fit(train.double())
+                score = float(gmm.score(val.double()))
+            return gmm, {**info, "val_log_likelihood": score, "fitted_on": "cuda (array API)"}
+        except (ImportError, ValueError, TypeError, RuntimeError) as e:  # no array-api-compat, an old sklearn
+            info["cuda_fallback"] = f"fitted on the CPU: {type(e).__name__}: {str(e)[:120]}"
+    with threadpool_limits(limits=1, user_api="blas"):
+        gmm = GaussianMixture(components, covariance_type="full", max_iter=200, random_state=seed)
+        gmm.fit(train.double().cpu().numpy())
+        score = float(gmm.score(val.double().cpu().numpy()))
+    return gmm, {**info, "val_log_likelihood": score, "fitted_on": "cpu"}
 
 
 def sample_gmm(gmm: GaussianMixture, count: int, decoder, seed: int) -> np.ndarray:
     """`count` decoded images (uint8) from a fitted mixture, in random order (sklearn groups them by component)."""
     gmm.random_state = seed
     codes, _ = gmm.sample(count)
-    codes = codes[np.random.default_rng(seed).permutation(count)]
-    return to_uint8(decode(decoder, torch.from_numpy(codes).float()))
+    codes = torch.as_tensor(codes if torch.is_tensor(codes) else np.asarray(codes)).float()
+    codes = codes[torch.from_numpy(np.random.default_rng(seed).permutation(count)).to(codes.device)]
+    return pixels.to_uint8(decode(decoder, codes))
 
 
-def gmm_baselines(ctx: Context, classifier, real: np.ndarray, count: int, k: int) -> tuple[dict, dict]:
+def gmm_baselines(ctx: Context, classifier, real: Reference, count: int) -> tuple[dict, dict]:
     """The baseline the latent-GAN literature found hard to beat: Gaussian mixtures on the AE codes.
 
     Returns the `baselines` section and the sample images (for the figures).
     """
     cfg, seed, decoder = ctx.config.evaluation, ctx.config.seed, ctx.autoencoder.decoder
-    train, val = ctx.codes("train").double().numpy(), ctx.codes("val").double().numpy()
+    train, val = ctx.codes("train"), ctx.codes("val")
     train_labels, val_labels = ctx.labels("train"), ctx.labels("val")
 
     # a seeded subset keeps the one large fit within budget (80 components on 20k codes fit the validation
     # codes better than 40 on all 55k, in a quarter of the time)
     subset = np.random.default_rng(sub_seed(seed, "gmm-subset")).permutation(len(train))[:cfg.gmm_fit_limit]
-    gmm, choice = fit_gmm(train[np.sort(subset)], val, cfg.gmm_components, sub_seed(seed, "gmm"))
+    gmm, choice = fit_gmm(train[torch.from_numpy(np.sort(subset)).to(train.device)], val, cfg.gmm_components,
+                          sub_seed(seed, "gmm"))
     plain_images = sample_gmm(gmm, count, decoder, sub_seed(seed, "gmm-sample"))
-    plain = {**choice, **unconditional_quality(classifier, real, plain_images, k)}
+    plain = {**choice, **unconditional_quality(classifier, real, plain_images)}
 
     # one mixture per digit, asked for each digit equally often (like the conditional GAN)
     digits = np.arange(count) % 10
     per_digit_images = np.zeros((count, 28, 28), dtype=np.uint8)
     choices = []
     for d in tqdm(range(10), desc="per-digit mixtures", leave=False):
-        gmm_d, choice_d = fit_gmm(train[train_labels == d], val[val_labels == d],
+        gmm_d, choice_d = fit_gmm(train[torch.from_numpy(train_labels == d).to(train.device)],
+                                  val[torch.from_numpy(val_labels == d).to(val.device)],
                                   cfg.gmm_components_per_digit, sub_seed(seed, f"gmm-digit-{d}"))
         per_digit_images[digits == d] = sample_gmm(gmm_d, int(np.sum(digits == d)), decoder,
                                                    sub_seed(seed, f"gmm-digit-{d}-sample"))
@@ -108,12 +114,12 @@ def gmm_baselines(ctx: Context, classifier, real: np.ndarray, count: int, k: int
     per_digit = {
         "components": [c["components"] for c in choices], "covariance_type": choices[0]["covariance_type"],
         "val_log_likelihood": [c["val_log_likelihood"] for c in choices],
-        **conditional_quality(classifier, real, per_digit_images, digits, k),
+        **conditional_quality(classifier, real, per_digit_images, digits),
     }
     return {"gmm": plain, "gmm_per_digit": per_digit}, {"gmm": plain_images, "gmm_per_digit": per_digit_images}
 
 
-def floors(ctx: Context, classifier, real: np.ndarray, count: int, k: int) -> dict:
+def floors(ctx: Context, classifier, real: Reference, count: int) -> dict:
     """What real images score (train vs test) and what the AE allows (its reconstructions).
 
     All use `count` images, like the generators: the Frechet distance of a finite sample is biased upwards by
@@ -123,13 +129,13 @@ def floors(ctx: Context, classifier, real: np.ndarray, count: int, k: int) -> di
     """
     rng = np.random.default_rng(sub_seed(ctx.config.seed, "floors"))
     decoder = ctx.autoencoder.decoder
-    train_chosen = rng.choice(len(ctx.codes("train")), count, replace=False)
-    train = distances(real, embed(classifier, ctx.images("train")[train_chosen])[0], k)
-    train_recon_images = to_uint8(decode(decoder, ctx.codes("train")[train_chosen]))
-    train_recon = distances(real, embed(classifier, train_recon_images)[0], k)
-    test_chosen = rng.choice(len(real), count, replace=False)
-    recon_images = to_uint8(decode(decoder, ctx.codes("test")[test_chosen]))
-    recon = conditional_quality(classifier, real, recon_images, ctx.labels("test")[test_chosen], k)
+    train_chosen = torch.from_numpy(rng.choice(len(ctx.codes("train")), count, replace=False)).to(ctx.device)
+    train = real.distances(embed(classifier, ctx.images("train")[train_chosen])[0])
+    train_recon_images = pixels.to_uint8(decode(decoder, ctx.codes("train")[train_chosen]))
+    train_recon = real.distances(embed(classifier, train_recon_images)[0])
+    test_chosen = rng.choice(len(real.features), count, replace=False)
+    recon_images = pixels.to_uint8(decode(decoder, ctx.codes("test")[torch.from_numpy(test_chosen).to(ctx.device)]))
+    recon = conditional_quality(classifier, real, recon_images, ctx.labels("test")[test_chosen])
     return {
         "train_vs_test_frechet_distance": train["frechet_distance"],
         "train_vs_test_precision": train["precision"], "train_vs_test_recall": train["recall"],
@@ -186,27 +192,28 @@ def stage(ctx: Context) -> dict:
     from latentlab.gan import load_gan, sample_images
 
     cfg = ctx.config.evaluation
-    set_threads(2)
+    set_threads(ctx.threads)
     seed, count, k = ctx.config.seed, cfg.samples, cfg.k
-    classifier = load_classifier(ctx.run)
-    gan, cgan = load_gan(ctx.run, conditional=False), load_gan(ctx.run, conditional=True)
+    classifier = load_classifier(ctx.run).to(ctx.device)
+    gan, cgan = (load_gan(ctx.run, conditional=c, device=ctx.device) for c in (False, True))
     decoder = ctx.autoencoder.decoder
-    real, _ = embed(classifier, ctx.images("test"))
     seconds, start = {}, time.perf_counter()
+    real = Reference(embed(classifier, ctx.images("test"))[0], k=k)  # the test set's statistics, made once
 
     def lap(name):  # wall seconds of each part, for the report
         nonlocal start
         seconds[name], start = round(time.perf_counter() - start, 2), time.perf_counter()
 
-    floor = floors(ctx, classifier, real, count, k)
+    lap("reference")
+    floor = floors(ctx, classifier, real, count)
     lap("floors")
-    baselines, baseline_images = gmm_baselines(ctx, classifier, real, count, k)
+    baselines, baseline_images = gmm_baselines(ctx, classifier, real, count)
     lap("gmm_baselines")
     gan_images = sample_images(gan, decoder, count, seed=sub_seed(seed, "gan-sample"))
-    gan_quality = unconditional_quality(classifier, real, gan_images, k)
+    gan_quality = unconditional_quality(classifier, real, gan_images)
     digits = np.arange(count) % 10  # every digit asked for equally often
     cgan_images = sample_images(cgan, decoder, count, digit=digits, seed=sub_seed(seed, "cgan-sample"))
-    cgan_quality = conditional_quality(classifier, real, cgan_images, digits, k)
+    cgan_quality = conditional_quality(classifier, real, cgan_images, digits)
     lap("gans")
 
     figures.quality_bars({"GAN": gan_quality["frechet_distance"], "GMM": baselines["gmm"]["frechet_distance"],

@@ -11,26 +11,24 @@ training labels after the draw; everything downstream sees codes, images and tho
 holds training codes only, so every method here is inductive: test images are never in any graph.
 """
 import copy
-import json
 import time
+import warnings
 
 import numpy as np
 import scipy.sparse as sparse
 import torch
 import torch.nn.functional as F
-from scipy.stats import mode
-from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
-from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
-from sklearn.preprocessing import normalize
+from sklearn.neighbors import KNeighborsClassifier
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm import tqdm
 
 from latentlab import figures
 from latentlab.config import FewshotConfig
-from latentlab.context import Context, set_threads
+from latentlab.context import Context, set_threads, sub_seed
 from latentlab.errors import LatentlabError
+from latentlab.runfolder import write_json
 
 # The reference report's validation accuracy of its best MLP (one draw of 50 labels).
 REFERENCE = {"seed_mlp_frozen": 0.745, "seed_mlp_end_to_end": 0.607}
@@ -45,11 +43,6 @@ ARCHITECTURES = {
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}
 LEARNING_RATE = 1e-3   # Adam, Keras' default, as in the reference
 VOTE_NEIGHBOURS = 10   # new codes take the majority label of their nearest training codes
-
-
-def sub_seed(seed: int, *keys: int) -> int:
-    """A seed for one part of the stage, derived from the run's seed."""
-    return int(np.random.SeedSequence([seed, 3, *keys]).generate_state(1)[0])
 
 
 # ---- the label draw: the only code that looks at all training labels -------------------------------
@@ -114,7 +107,7 @@ class Stacked:
         """Every copy's digit for each of the shared inputs (N, ...) -> (draws, N)."""
         run = vmap(self._logits, in_dims=(0, 0, None))
         return torch.cat([run(self.params, self.buffers, inputs[i:i + batch_size]).argmax(2)
-                          for i in range(0, len(inputs), batch_size)], dim=1).numpy()
+                          for i in range(0, len(inputs), batch_size)], dim=1).cpu().numpy()
 
 
 def train_mlps(models, inputs, labels, *, epochs: int, curve_inputs, curve_labels, curve_every: int,
@@ -122,7 +115,7 @@ def train_mlps(models, inputs, labels, *, epochs: int, curve_inputs, curve_label
     """Train the stacked copies; returns the validation-accuracy curve (draws, points) and the trained copies."""
     stacked = Stacked(models)
     curve = []
-    for epoch in tqdm(range(epochs + 1), desc=desc, leave=False):
+    for epoch in tqdm(range(epochs + 1), desc=desc, leave=False, mininterval=0.5):
         if epoch == epochs or (curve_every and epoch % curve_every == 0):  # curve_every=0: the last epoch only
             curve.append((stacked.predict(curve_inputs) == curve_labels).mean(axis=1))
         if epoch < epochs:
@@ -132,30 +125,99 @@ def train_mlps(models, inputs, labels, *, epochs: int, curve_inputs, curve_label
 
 # ---- graph-based semi-supervised learning on the unlabelled codes ----------------------------------
 
-def code_graph(train_codes: np.ndarray, neighbours: int):
+def whiten(train_codes: torch.Tensor):
+    """PCA whitening fitted on the training codes, then unit length: Euclidean distance becomes cosine distance
+    in a space where every direction of the code counts the same."""
+    x = train_codes.double()
+    mean = x.mean(0)
+    values, vectors = torch.linalg.eigh(torch.cov(x.T))
+    scale = vectors / values.clamp_min(1e-12).sqrt()
+    return lambda codes: F.normalize(((codes.double() - mean) @ scale).float(), dim=1)
+
+
+def nearest(queries: torch.Tensor, points: torch.Tensor, k: int, *, exclude_self: bool = False,
+            batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k nearest `points` of each query (unit vectors), brute force in blocks on their device:
+    (distances (Q, k), indices (Q, k)), nearest first. `exclude_self`: queries are the points themselves."""
+    distances, indices = [], []
+    for start in range(0, len(queries), batch_size):
+        similarity = queries[start:start + batch_size] @ points.T                     # (b, N)
+        if exclude_self:
+            rows = torch.arange(len(similarity), device=points.device)
+            similarity[rows, rows + start] = -float("inf")
+        top, index = similarity.topk(k, dim=1)
+        distances.append((2 - 2 * top).clamp_min(0).sqrt())                            # |a - b| of unit vectors
+        indices.append(index)
+    return torch.cat(distances), torch.cat(indices)
+
+
+def code_graph(train_codes: torch.Tensor, neighbours: int):
     """A kNN graph of the training codes, built once for all draws.
 
     Distances are cosine distances after PCA whitening: it equalises the code's directions, which
     here cleans the neighbourhoods (full-label 10-NN accuracy 97.5% -> 97.9%). Edge weights are
     graphlearning's self-tuned Gaussian, times the fraction of shared neighbours, which thins the
-    few edges that bridge two digits. Returns the weight matrix and a function that finds each new
-    code's nearest training codes.
+    few edges that bridge two digits. The neighbour search runs in torch on the codes' device.
+    Returns the weight matrix (scipy sparse) and a function giving each new code's nearest training codes.
     """
     import graphlearning as gl
 
-    whiten = PCA(whiten=True).fit(train_codes)
-    embed = lambda codes: normalize(whiten.transform(codes)).astype(np.float32)  # noqa: E731
-    index = NearestNeighbors(n_neighbors=neighbours).fit(embed(train_codes))
-    dist, ind = index.kneighbors()  # every training code's neighbours, itself excluded
-    n = len(train_codes)
+    embed = whiten(train_codes)
+    points = embed(train_codes)
+    dist, ind = (t.cpu().numpy() for t in nearest(points, points, neighbours, exclude_self=True))
+    n = len(points)
     ind = np.hstack([np.arange(n)[:, None], ind])  # graphlearning counts each point as its own first neighbour
-    dist = np.hstack([np.zeros((n, 1)), dist])
+    dist = np.hstack([np.zeros((n, 1), dtype=dist.dtype), dist]).astype(np.float64)
     weights = gl.weightmatrix.knn(None, neighbours, knn_data=(ind, dist))
     member = sparse.csr_matrix((np.ones(ind.size), ind.ravel(), np.arange(0, ind.size + 1, neighbours + 1)),
                                shape=(n, n))
     shared = (member @ member.T).multiply(weights > 0)  # neighbours two linked codes have in common
     weights = weights.multiply(shared).tocsr() / (neighbours + 1)
-    return weights, lambda codes: index.kneighbors(embed(codes), VOTE_NEIGHBOURS, return_distance=False)
+    return weights, lambda codes: nearest(embed(codes), points, VOTE_NEIGHBOURS)[1]
+
+
+def poisson_solve(weights, sources: torch.Tensor, groups: torch.Tensor, *, tol: float = 1e-3,
+                  max_iter: int = 10_000) -> torch.Tensor:
+    """Poisson learning's linear solve for many right-hand sides at once (all draws, all classes).
+
+    graphlearning's `ssl.poisson` (conjugate gradient, its default) solves L x = D^-1/2 b with the normalised
+    Laplacian L = I - D^-1/2 W D^-1/2 (W without its diagonal) and returns u = D^-1/2 x, one draw at a time.
+    The problem is linear in b, so the columns of every draw go through one sparse product per iteration.
+    Iterations go on until each draw's residual norm (its columns together: `groups` gives each column's
+    draw) is below `tol`, graphlearning's stopping rule for one draw.
+    sources (n, columns) on the device where the solve runs; returns u (n, columns).
+    """
+    w = sparse.csr_matrix(weights)
+    w.setdiag(0)
+    w.eliminate_zeros()
+    degree = np.asarray(w.sum(axis=1)).ravel()
+    d = 1 / np.sqrt(degree)
+    normalised = sparse.diags(d) @ w @ sparse.diags(d)   # D^-1/2 W D^-1/2; L x = x - normalised @ x
+    device = sources.device
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is long stable
+        warnings.simplefilter("ignore", UserWarning)
+        matrix = torch.sparse_csr_tensor(
+            *(torch.from_numpy(a) for a in (normalised.indptr.astype(np.int64), normalised.indices.astype(np.int64),
+                                            normalised.data)),
+            size=normalised.shape, dtype=torch.float64, check_invariants=False).to(device)
+    d = torch.from_numpy(d).to(device)[:, None]
+    b = sources.double() * d
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rs_old = (r * r).sum(0)
+    for _ in range(max_iter):
+        ap = p - matrix @ p
+        alpha = rs_old / (p * ap).sum(0).clamp_min(1e-300)
+        x += alpha * p
+        r -= alpha * ap
+        rs_new = (r * r).sum(0)
+        per_draw = torch.zeros(int(groups.max()) + 1, dtype=rs_new.dtype, device=device).index_add_(0, groups, rs_new)
+        if per_draw.sqrt().max() <= tol:  # one sync per iteration: a few hundred in all
+            break
+        p = r + (rs_new / rs_old.clamp_min(1e-300)) * p
+        rs_old = rs_new
+    return x * d
 
 
 def balance_weights(scores: np.ndarray, priors: np.ndarray, *, tol: float = 1e-3, max_steps: int = 1000):
@@ -176,32 +238,145 @@ def balance_weights(scores: np.ndarray, priors: np.ndarray, *, tol: float = 1e-3
     return w
 
 
-def poisson_labels(weights, indices: np.ndarray, labels: np.ndarray, balance: float) -> dict[str, np.ndarray]:
-    """Labels of every training code by Poisson learning, with three decisions from one solve:
+def poisson_labels(weights, draws: list[np.ndarray], labelled: list[np.ndarray], balance: float,
+                   device) -> list[dict[str, np.ndarray]]:
+    """Labels of every training code by Poisson learning, for every draw from one solve, with three decisions:
     `poisson` (argmax), `poisson_volume` (class sizes forced to the label frequencies, graphlearning's
     class_priors) and `poisson_balanced` (the geometric middle, weights ** balance: sizes pulled
     towards the priors without forcing them; digits are not exactly equally frequent)."""
-    import graphlearning as gl
+    n = weights.shape[0]
+    columns, sources = [], []
+    for indices, labels in zip(draws, labelled):
+        classes, local = np.unique(labels, return_inverse=True)  # a random draw can miss a digit
+        onehot = np.eye(len(classes))[local]
+        source = np.zeros((n, len(classes)))
+        source[indices] = onehot - onehot.mean(axis=0)          # graphlearning's Poisson source term
+        sources.append(source)
+        columns.append((classes, local))
+    groups = torch.from_numpy(np.concatenate([np.full(len(c), i) for i, (c, _) in enumerate(columns)])).to(device)
+    u = poisson_solve(weights, torch.from_numpy(np.hstack(sources)).to(device), groups).cpu().numpy()
+    results, start = [], 0
+    for classes, local in columns:
+        block = u[:, start:start + len(classes)]
+        start += len(classes)
+        scores = (block - block.min()) / (block.max() - block.min())  # graphlearning's normalisation
+        w = balance_weights(scores, np.bincount(local) / len(local))
+        results.append({"poisson": classes[np.argmax(scores, axis=1)],
+                        "poisson_balanced": classes[np.argmax(scores * w ** balance, axis=1)],
+                        "poisson_volume": classes[np.argmax(scores * w, axis=1)]})
+    return results
 
-    classes, local = np.unique(labels, return_inverse=True)  # a random draw can miss a digit
-    u = gl.ssl.poisson(weights).fit(indices, local)
-    scores = (u - u.min()) / (u.max() - u.min())  # graphlearning's normalisation before class weights
-    w = balance_weights(scores, np.bincount(local) / len(local))
-    return {"poisson": classes[np.argmax(scores, axis=1)],
-            "poisson_balanced": classes[np.argmax(scores * w ** balance, axis=1)],
-            "poisson_volume": classes[np.argmax(scores * w, axis=1)]}
+
+def vote(train_predictions: np.ndarray, neighbours: torch.Tensor) -> np.ndarray:
+    """Each new code's label: the majority label among its nearest training codes (ties: the smallest digit)."""
+    votes = torch.from_numpy(train_predictions).to(neighbours.device)[neighbours]        # (Q, k)
+    counts = F.one_hot(votes, 10).sum(1)                                                # (Q, 10)
+    return counts.argmax(1).cpu().numpy()
 
 
-def vote(train_predictions: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
-    """Each new code's label: the majority label among its nearest training codes."""
-    return mode(train_predictions[neighbours], axis=1).mode.ravel()
-
-
-# ---- the stage --------------------------------------------------------------------------------------
+# ---- the stage, in named steps --------------------------------------------------------------------
 
 def summary(per_draw: list[float]) -> dict:
     a = np.asarray(per_draw, dtype=float)
     return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min())}
+
+
+class Scores:
+    """Per method: test accuracy of each draw, and validation accuracy (what picks the headline)."""
+
+    def __init__(self, test_labels: np.ndarray, val_labels: np.ndarray):
+        self.test_labels, self.val_labels = test_labels, val_labels
+        self.test: dict[str, list[float]] = {}
+        self.val: dict[str, list[float]] = {}
+
+    def add(self, name: str, test_predictions, val_predictions) -> None:
+        self.test.setdefault(name, []).extend(float((p == self.test_labels).mean()) for p in test_predictions)
+        self.val.setdefault(name, []).extend(float((p == self.val_labels).mean()) for p in val_predictions)
+
+
+def label_baselines(codes: dict, draws, labelled, scores: Scores) -> None:
+    """Logistic regression and the nearest labelled code, on the 50 labelled codes alone (scikit-learn)."""
+    test, val = codes["test"].cpu().numpy(), codes["val"].cpu().numpy()
+    for idx, y in zip(draws, labelled):
+        x = codes["train"][idx].cpu().numpy()
+        for name, model in (("logistic_regression", LogisticRegression(max_iter=2000)),
+                            ("nearest_labelled", KNeighborsClassifier(1))):
+            model.fit(x, y)
+            scores.add(name, [model.predict(test)], [model.predict(val)])
+
+
+def reference_mlps(ctx: Context, cfg: FewshotConfig, codes: dict, train_images, draws, labelled, curve_rows,
+                   scores: Scores, timings: dict) -> dict:
+    """The reference study: every architecture on frozen codes and end to end, all draws at once.
+
+    Curves per epoch for the reference MLP; the end-to-end regime of the other architectures runs on
+    `end_to_end_draws` draws, as each draw fine-tunes its own encoder (the costly part of the stage).
+    Returns the curves (draws, points) by method.
+    """
+    device, seed = ctx.device, ctx.config.seed
+    label_tensor = torch.as_tensor(np.stack(labelled)).to(device)
+    curve_labels = scores.val_labels[curve_rows]
+    curve_index = torch.as_tensor(curve_rows).to(device)
+    val_images, test_images = ctx.images("val")[curve_index], ctx.images("test")
+    latent_dim = codes["train"].shape[1]
+    curves = {}
+    for arch, layers in ARCHITECTURES.items():
+        curve_every = cfg.curve_every if arch == "seed_mlp" else 0
+        t = time.perf_counter()
+        torch.manual_seed(sub_seed(seed, f"fewshot-frozen-{arch}"))
+        heads = [make_head(layers, latent_dim).to(device) for _ in draws]
+        curve, stacked = train_mlps(
+            heads, torch.stack([codes["train"][idx] for idx in draws]), label_tensor, epochs=cfg.epochs,
+            curve_inputs=codes["val"][curve_index], curve_labels=curve_labels, curve_every=curve_every,
+            desc=f"{arch} frozen")
+        scores.add(f"{arch}_frozen", stacked.predict(codes["test"]), stacked.predict(codes["val"]))
+        curves[f"{arch}_frozen"] = curve
+        timings[f"{arch}_frozen"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        e2e_draws = draws if arch == "seed_mlp" else draws[:cfg.end_to_end_draws or len(draws)]
+        torch.manual_seed(sub_seed(seed, f"fewshot-end-to-end-{arch}"))
+        models = [nn.Sequential(copy.deepcopy(ctx.autoencoder.encoder).requires_grad_(True),
+                                make_head(layers, latent_dim).to(device)) for _ in e2e_draws]
+        curve, stacked = train_mlps(
+            models, torch.stack([train_images[idx] for idx in e2e_draws]), label_tensor[:len(e2e_draws)],
+            epochs=cfg.epochs, curve_inputs=val_images, curve_labels=curve_labels, curve_every=curve_every,
+            desc=f"{arch} end to end")
+        scores.add(f"{arch}_end_to_end", stacked.predict(test_images), [])
+        scores.val[f"{arch}_end_to_end"] = curve[:, -1].tolist()  # the curve's last point, on the sample
+        curves[f"{arch}_end_to_end"] = curve
+        timings[f"{arch}_end_to_end"] = time.perf_counter() - t
+    return curves
+
+
+def graph_methods(ctx: Context, cfg: FewshotConfig, codes: dict, draws, labelled, scores: Scores,
+                  timings: dict) -> None:
+    """Poisson learning on a kNN graph of the unlabelled training codes (inductive: new codes vote)."""
+    t = time.perf_counter()
+    weights, nearest_train = code_graph(codes["train"], cfg.neighbours)
+    test_neighbours, val_neighbours = nearest_train(codes["test"]), nearest_train(codes["val"])
+    timings["graph"] = time.perf_counter() - t
+    t = time.perf_counter()
+    for train_predictions in poisson_labels(weights, draws, labelled, cfg.balance, ctx.device):
+        for name, predictions in train_predictions.items():
+            scores.add(name, [vote(predictions, test_neighbours)], [vote(predictions, val_neighbours)])
+    timings["poisson"] = time.perf_counter() - t
+
+
+GRAPH_METHODS = ("poisson", "poisson_balanced", "poisson_volume")
+BASELINES = ("logistic_regression", "nearest_labelled")
+
+
+def method_table(scores: Scores, curve_images: int) -> dict:
+    methods = {}
+    for name, accs in scores.test.items():
+        family = "graph" if name in GRAPH_METHODS else "baseline" if name in BASELINES else "mlp"
+        methods[name] = {"test_accuracy": summary(accs), "per_draw": [round(a, 4) for a in accs],
+                         "val_accuracy": round(float(np.mean(scores.val[name])), 4),
+                         "val_images": curve_images if name.endswith("_end_to_end") else len(scores.val_labels),
+                         "transductive": False, "uses_unlabelled_codes": family == "graph", "family": family,
+                         "draws": len(accs)}
+    return methods
 
 
 def stage(ctx: Context) -> dict:
@@ -210,110 +385,40 @@ def stage(ctx: Context) -> dict:
     timings = {}
     start = time.perf_counter()
 
-    set_threads(2)  # the conv encoder gains from two threads
-    train_images = ctx.images("train")
+    set_threads(ctx.threads)
     codes = {part: ctx.codes(part) for part in ("train", "val", "test")}
-    limit = cfg.train_limit or len(train_images)
-    train_images, codes["train"] = train_images[:limit], codes["train"][:limit]
+    limit = cfg.train_limit or len(codes["train"])
+    train_images, codes["train"] = ctx.images("train")[:limit], codes["train"][:limit]
     val_labels, test_labels = ctx.labels("val"), ctx.labels("test")
 
     # The draws; after this block no training label other than the drawn ones is read.
     train_labels = ctx.labels("train")[:limit]
-    draws = [draw_labels(train_labels, per_class=cfg.labels_per_class, draw=cfg.draw, seed=sub_seed(seed, 0, i))
-             for i in range(cfg.draws)]
+    draws = [draw_labels(train_labels, per_class=cfg.labels_per_class, draw=cfg.draw,
+                         seed=sub_seed(seed, f"fewshot-draw-{i}")) for i in range(cfg.draws)]
     labelled = [reveal(train_labels, idx) for idx in draws]
     del train_labels
     labels_file = ctx.run.root / "fewshot_labels.json"
-    labels_file.write_text(json.dumps({"draw": cfg.draw, "train_limit": limit,
-                                       "indices_into": "the run's 55k training split (split.npz['train'])",
-                                       "draws": [{"indices": idx.tolist(), "labels": y.tolist()}
-                                                 for idx, y in zip(draws, labelled)]}) + "\n")
+    write_json(labels_file, {"draw": cfg.draw, "train_limit": limit,
+                             "indices_into": "the run's 55k training split (split.npz['train'])",
+                             "draws": [{"indices": idx.tolist(), "labels": y.tolist()}
+                                       for idx, y in zip(draws, labelled)]})
     timings["codes_and_draws"] = time.perf_counter() - start
 
     # A fixed sample of validation images for the per-epoch curves (and the end-to-end models' validation
     # accuracy); every other method is scored on the whole validation split. The headline method is the
     # best on validation, so the test set chooses nothing.
-    curve_rows = np.random.default_rng(sub_seed(seed, 1)).choice(len(val_labels), min(cfg.curve_images,
-                                                                                      len(val_labels)), replace=False)
-    curve_labels = val_labels[curve_rows]
-    test_images = ctx.images("test")
-    per_draw: dict[str, list[float]] = {}
-    val_accuracy: dict[str, list[float]] = {}
+    curve_rows = np.random.default_rng(sub_seed(seed, "fewshot-curve-images")).choice(
+        len(val_labels), min(cfg.curve_images, len(val_labels)), replace=False)
+    scores = Scores(test_labels, val_labels)
 
-    def record(name: str, test_predictions, val_predictions) -> None:
-        per_draw.setdefault(name, []).extend(float((p == test_labels).mean()) for p in test_predictions)
-        val_accuracy.setdefault(name, []).extend(float((p == val_labels).mean()) for p in val_predictions)
-
-    # Baselines on the 50 labelled codes alone (scikit-learn).
     t = time.perf_counter()
-    set_threads(1)
-    for idx, y in zip(draws, labelled):
-        x = codes["train"][idx].numpy()
-        for name, model in (("logistic_regression", LogisticRegression(max_iter=2000)),
-                            ("nearest_labelled", KNeighborsClassifier(1))):
-            model.fit(x, y)
-            record(name, [model.predict(codes["test"].numpy())], [model.predict(codes["val"].numpy())])
+    label_baselines(codes, draws, labelled, scores)
     timings["baselines"] = time.perf_counter() - t
+    curves = reference_mlps(ctx, cfg, codes, train_images, draws, labelled, curve_rows, scores, timings)
+    graph_methods(ctx, cfg, codes, draws, labelled, scores, timings)
 
-    # The reference study: every architecture on frozen codes and end to end, all draws at once. Curves
-    # per epoch for the reference MLP; the end-to-end regime of the other architectures runs on
-    # `end_to_end_draws` draws, as each draw fine-tunes its own encoder (the costly part of the stage).
-    label_tensor = torch.as_tensor(np.stack(labelled))
-    val_images = ctx.images("val")[curve_rows]
-    curves = {}
-    for a, (arch, layers) in enumerate(ARCHITECTURES.items()):
-        curve_every = cfg.curve_every if arch == "seed_mlp" else 0
-        t = time.perf_counter()
-        set_threads(1)  # small MLPs: one thread is several times faster than two here
-        torch.manual_seed(sub_seed(seed, 2, a))
-        heads = [make_head(layers, codes["train"].shape[1]) for _ in draws]
-        curve, stacked = train_mlps(
-            heads, torch.stack([codes["train"][idx] for idx in draws]), label_tensor, epochs=cfg.epochs,
-            curve_inputs=codes["val"][curve_rows], curve_labels=curve_labels, curve_every=curve_every,
-            desc=f"{arch} frozen")
-        record(f"{arch}_frozen", stacked.predict(codes["test"]), stacked.predict(codes["val"]))
-        curves[f"{arch}_frozen"] = curve
-        timings[f"{arch}_frozen"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        set_threads(2)
-        e2e_draws = draws if arch == "seed_mlp" else draws[:cfg.end_to_end_draws or len(draws)]
-        torch.manual_seed(sub_seed(seed, 3, a))
-        models = [nn.Sequential(copy.deepcopy(ctx.autoencoder.encoder), make_head(layers, codes["train"].shape[1]))
-                  for _ in e2e_draws]
-        curve, stacked = train_mlps(
-            models, torch.stack([train_images[idx] for idx in e2e_draws]), label_tensor[:len(e2e_draws)],
-            epochs=cfg.epochs, curve_inputs=val_images, curve_labels=curve_labels, curve_every=curve_every,
-            desc=f"{arch} end to end")
-        record(f"{arch}_end_to_end", stacked.predict(test_images), [])
-        val_accuracy[f"{arch}_end_to_end"] = curve[:, -1].tolist()  # the curve's last point, on the sample
-        curves[f"{arch}_end_to_end"] = curve
-        timings[f"{arch}_end_to_end"] = time.perf_counter() - t
-
-    # Graph-based semi-supervised learning on the unlabelled training codes (inductive).
-    t = time.perf_counter()
-    set_threads(2)
-    weights, nearest = code_graph(codes["train"].numpy(), cfg.neighbours)
-    test_neighbours, val_neighbours = nearest(codes["test"].numpy()), nearest(codes["val"].numpy())
-    timings["graph"] = time.perf_counter() - t
-    t = time.perf_counter()
-    for idx, y in tqdm(list(zip(draws, labelled)), desc="poisson learning", leave=False):
-        for name, train_pred in poisson_labels(weights, idx, y, cfg.balance).items():
-            record(name, [vote(train_pred, test_neighbours)], [vote(train_pred, val_neighbours)])
-    timings["poisson"] = time.perf_counter() - t
-
-    # Metrics and figures.
-    graph_methods = ("poisson", "poisson_balanced", "poisson_volume")
-    methods = {}
-    for name, accs in per_draw.items():
-        family = ("graph" if name in graph_methods else "baseline" if name in ("logistic_regression", "nearest_labelled")
-                  else "mlp")
-        methods[name] = {"test_accuracy": summary(accs), "per_draw": [round(a, 4) for a in accs],
-                         "val_accuracy": round(float(np.mean(val_accuracy[name])), 4),
-                         "val_images": len(curve_rows) if name.endswith("_end_to_end") else len(val_labels),
-                         "transductive": False, "uses_unlabelled_codes": family == "graph", "family": family,
-                         "draws": len(accs)}
-    # The headline is picked on validation, not on the test set it is reported on.
+    # Metrics and figures; the headline is picked on validation, not on the test set it is reported on.
+    methods = method_table(scores, len(curve_rows))
     best = max(methods, key=lambda name: methods[name]["val_accuracy"])
     epochs_axis = sorted(set(range(0, cfg.epochs + 1, cfg.curve_every)) | {cfg.epochs})
     curve_metrics = {"epochs": epochs_axis, "val_images": len(curve_rows),
@@ -341,9 +446,11 @@ def stage(ctx: Context) -> dict:
         "graph": {"nodes": limit, "neighbours": cfg.neighbours, "balance": cfg.balance,
                   "metric": "cosine distance after PCA whitening of the codes",
                   "weights": "self-tuned Gaussian x shared-neighbour fraction",
+                  "solver": "conjugate gradient on the normalised Laplacian, every draw's classes in one solve",
                   "new_codes": f"majority of the {VOTE_NEIGHBOURS} nearest training codes",
                   "test_images_in_graph": False},
         "architectures": {name: [f"{w} {act}" for w, act in layers] + ["10 softmax"]
                           for name, layers in ARCHITECTURES.items()},
+        "device": str(ctx.device),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
     }}

@@ -7,6 +7,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from latentlab import pixels  # noqa: E402
+
 
 def _save(fig, path: Path) -> Path:
     path = Path(path)
@@ -22,19 +24,10 @@ def _as_numpy(images) -> np.ndarray:
     return images.reshape(len(images), 28, 28)
 
 
-def image_grid(images, rows: int, cols: int) -> np.ndarray:
-    """Tile (rows * cols) images into one (rows * 28, cols * 28) array, ink bright on black."""
-    images = _as_numpy(images)[: rows * cols]
-    grid = np.zeros((rows * 28, cols * 28), dtype=images.dtype)
-    for i, image in enumerate(images):
-        r, c = divmod(i, cols)
-        grid[r * 28:(r + 1) * 28, c * 28:(c + 1) * 28] = image
-    return grid
-
-
 def grid_figure(images, path: Path, *, rows: int, cols: int, title: str = "", row_labels=None) -> Path:
     fig, ax = plt.subplots(figsize=(cols * 0.6 + 0.6, rows * 0.6 + 0.5))
-    ax.imshow(image_grid(images, rows, cols), cmap="gray", vmin=0, vmax=1 if _as_numpy(images).max() <= 1 else 255)
+    images = _as_numpy(images)[:rows * cols]
+    ax.imshow(pixels.grid(images, cols), cmap="gray", vmin=0, vmax=1 if images.max() <= 1 else 255)
     ax.set_xticks([])
     if row_labels is not None:
         ax.set_yticks([r * 28 + 14 for r in range(rows)], [str(label) for label in row_labels])

@@ -8,7 +8,6 @@ matplotlib at module level, so a cold `sample` stays fast.
 
 The settings were chosen by measurement; every variant tried and its score is in docs/gan_sweep.md.
 """
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -18,9 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from latentlab import pixels
 from latentlab.config import GANConfig
 from latentlab.errors import LatentlabError
-from latentlab.models import Autoencoder, Discriminator, Generator
+from latentlab.models import Autoencoder, CodeStats, Discriminator, Generator, batched, device_of
 from latentlab.runfolder import Run
 
 NUM_CLASSES = 10
@@ -33,17 +33,19 @@ EXPLODED_LOSS = 100.0
 class LatentGAN:
     """A trained generator and the code statistics that undo the standardisation it was trained in."""
     generator: Generator
-    code_mean: torch.Tensor
-    code_std: torch.Tensor
-    noise_dim: int
+    stats: CodeStats
     conditional: bool
+
+    @property
+    def noise_dim(self) -> int:
+        return self.generator.noise_dim
 
 
 class Diverged(LatentlabError):
     """Training stopped on a NaN, infinite or exploded loss; the message names the last good checkpoint."""
 
     def __init__(self, name: str, step: int, losses: tuple[float, float], last_saved: int | None, cfg: GANConfig):
-        self.step, self.losses, self.last_saved = step, losses, last_saved
+        self.step, self.last_saved = step, last_saved
         kept = (f"kept the last good checkpoint, from step {last_saved}" if last_saved is not None
                 else f"no checkpoint was saved (the first is due at step {cfg.checkpoint_every})")
         super().__init__(f"{name}: training diverged at step {step} (D loss {losses[0]:.3g}, G loss {losses[1]:.3g}); "
@@ -63,53 +65,60 @@ def generator_loss(fake_logits: torch.Tensor, loss: str) -> torch.Tensor:
     return F.softplus(-fake_logits).mean()  # -log D(G(z)): strong gradients while D still wins
 
 
-def checkpoint(generator: Generator, cfg: GANConfig, code_mean, code_std, *, kind: str, step: int) -> dict:
+def checkpoint(generator: Generator, cfg: GANConfig, stats: CodeStats, *, kind: str, step: int) -> dict:
     return {
         "kind": kind, "step": step, "steps": cfg.steps,
         "model_args": {"noise_dim": generator.noise_dim, "latent_dim": generator.latent_dim,
                        "hidden": cfg.hidden, "num_classes": generator.num_classes},
-        "state_dict": {k: v.detach().clone() for k, v in generator.state_dict().items()},
-        "code_mean": code_mean, "code_std": code_std,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()},
+        "code_mean": stats.mean.cpu(), "code_std": stats.std.cpu(),
     }
 
 
 def train_gan(cfg: GANConfig, codes: torch.Tensor, labels: torch.Tensor | None = None, *, seed: int,
               save=None, name: str = "gan") -> tuple[Generator, dict]:
-    """Train on standardised `codes` (N, latent_dim), with their digits if `labels` is given.
+    """Train on standardised `codes` (N, latent_dim), with their digits if `labels` is given, on codes' device.
 
     Returns the generator to keep (the running average of G's weights when cfg.ema > 0) and a loss history.
     `save(generator, step)` is called every cfg.checkpoint_every steps. A NaN, infinite or exploded loss
-    stops training with a `Diverged` error naming the last step saved.
+    stops training with a `Diverged` error naming the step and the last step saved.
+
+    The host reads the device only once per window of log_every (or checkpoint_every) steps: losses, the
+    divergence check and the first bad step are kept on the device. On CUDA each step is one CUDA graph
+    replay (two graphs: with and without the R1 penalty), since launching a step's ~150 small kernels
+    one by one costs far more than running them.
     """
     import copy
 
     from tqdm import tqdm
 
+    device = codes.device
     torch.manual_seed(seed)
     num_classes = NUM_CLASSES if labels is not None else 0
-    netG = Generator(cfg.noise_dim, codes.shape[1], cfg.hidden, num_classes)
-    netD = Discriminator(codes.shape[1], cfg.hidden, num_classes)
-    optimizerG = torch.optim.Adam(netG.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
-    optimizerD = torch.optim.Adam(netD.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
-    # an exponential moving average of G's weights samples better than G's last step (Yazici et al. 2019);
-    # a plain lerp per tensor (torch's AveragedModel walks the module tree each step: 8% of a step here)
+    netG = Generator(cfg.noise_dim, codes.shape[1], cfg.hidden, num_classes).to(device)
+    netD = Discriminator(codes.shape[1], cfg.hidden, num_classes).to(device)
+    on_cuda = device.type == "cuda"
+    optimizerG = torch.optim.Adam(netG.parameters(), lr=cfg.lr, betas=(0.5, 0.999), capturable=on_cuda)
+    optimizerD = torch.optim.Adam(netD.parameters(), lr=cfg.lr, betas=(0.5, 0.999), capturable=on_cuda)
+    # an exponential moving average of G's weights samples better than G's last step (Yazici et al. 2019)
     keep = copy.deepcopy(netG).requires_grad_(False) if cfg.ema > 0 else netG
-    averaged = list(zip(keep.parameters(), netG.parameters())) if cfg.ema > 0 else []
-    rng = torch.Generator().manual_seed(seed)
-    history = {"step": [], "loss_d": [], "loss_g": [], "r1": []}
-    sums, last_saved = np.zeros(3), None
-    bar = tqdm(range(1, cfg.steps + 1), desc=name, unit="step", leave=False, mininterval=0.5)
-    for step in bar:
-        index = torch.randint(len(codes), (cfg.batch_size,), generator=rng)
+    averaged, current = list(keep.parameters()), list(netG.parameters())
+    rng = torch.Generator(device=device).manual_seed(seed)
+    # on the device: the step count, summed losses (D, G, R1) since the last record, the first bad step
+    step_count = torch.zeros((), dtype=torch.long, device=device)
+    sums = torch.zeros(3, device=device)
+    first_bad = torch.zeros((), dtype=torch.long, device=device)
+    bad_losses = torch.zeros(2, device=device)
+
+    def train_step(index: torch.Tensor, noise: torch.Tensor, regularise: bool) -> None:
         digits = labels[index] if labels is not None else None
-        fake = netG(torch.randn(cfg.batch_size, cfg.noise_dim, generator=rng), digits)
+        fake = netG(noise, digits)
 
         # (1) update D: push real codes up and generated codes down
-        regularise = cfg.r1 > 0 and step % cfg.r1_every == 0
         real = codes[index].requires_grad_(regularise)
         real_logits = netD(real, digits)
         loss_d = discriminator_loss(real_logits, netD(fake.detach(), digits), cfg.loss)
-        penalty = torch.zeros(())
+        penalty = torch.zeros((), device=device)
         if regularise:  # R1 (Mescheder et al. 2018): keep D flat around real codes; lazily, so scaled up
             grad, = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
             penalty = cfg.r1 / 2 * cfg.r1_every * grad.pow(2).sum(1).mean()
@@ -117,53 +126,111 @@ def train_gan(cfg: GANConfig, codes: torch.Tensor, labels: torch.Tensor | None =
         (loss_d + penalty).backward()
         optimizerD.step()
 
-        # (2) update G: make D take the generated codes for real ones
+        # (2) update G: make D take the generated codes for real ones (D's own gradients are not needed)
+        netD.requires_grad_(False)
         loss_g = generator_loss(netD(fake, digits), cfg.loss)
         optimizerG.zero_grad(set_to_none=True)
         loss_g.backward()
         optimizerG.step()
-        with torch.no_grad():
-            for average, current in averaged:
-                average.lerp_(current, 1 - cfg.ema)
+        netD.requires_grad_(True)
+        if cfg.ema > 0:
+            with torch.no_grad():
+                torch._foreach_lerp_(averaged, current, 1 - cfg.ema)
 
-        values = (loss_d.item(), loss_g.item(), penalty.item())
-        # divergence: a NaN/inf anywhere, or a loss far beyond what training ever shows (abs(nan) < x is False)
-        if not (all(abs(v) < EXPLODED_LOSS for v in values[:2]) and math.isfinite(values[2])):
+        # bookkeeping, on the device: divergence is a NaN/inf anywhere or a loss far beyond what training shows
+        with torch.no_grad():
+            step_count.add_(1)
+            losses = torch.stack([loss_d.detach(), loss_g.detach(), penalty.detach()])
+            sums.add_(losses)
+            bad = ~((losses[:2].abs() < EXPLODED_LOSS).all() & losses[2].isfinite())
+            newly = bad & (first_bad == 0)
+            first_bad.copy_(torch.where(newly, step_count, first_bad))
+            bad_losses.copy_(torch.where(newly, losses[:2], bad_losses))
+
+    static_index = torch.zeros(cfg.batch_size, dtype=torch.long, device=device)
+    static_noise = torch.zeros(cfg.batch_size, cfg.noise_dim, device=device)
+    graphs, warmup = {}, 2 * cfg.r1_every if cfg.r1 > 0 else 3  # eager steps of both kinds before capture
+    history = {"step": [], "loss_d": [], "loss_g": [], "r1": []}
+    last_saved, since_record, step = None, 0, 0
+    bar = tqdm(total=cfg.steps, desc=name, unit="step", leave=False, mininterval=0.5)
+    while step < cfg.steps:
+        # a window: up to the next record, checkpoint or the end; its random draws in one go
+        end = min((step // cfg.log_every + 1) * cfg.log_every, (step // cfg.checkpoint_every + 1) * cfg.checkpoint_every,
+                  cfg.steps)
+        indices = torch.randint(len(codes), (end - step, cfg.batch_size), generator=rng, device=device)
+        noises = torch.randn(end - step, cfg.batch_size, cfg.noise_dim, generator=rng, device=device)
+        for index, noise in zip(indices, noises):
+            step += 1
+            regularise = cfg.r1 > 0 and step % cfg.r1_every == 0
+            if on_cuda and step > warmup and not graphs:
+                graphs = capture_steps(train_step, static_index, static_noise, (False, True) if cfg.r1 > 0 else (False,),
+                                       (optimizerD, optimizerG))
+            if graphs:
+                static_index.copy_(index)
+                static_noise.copy_(noise)
+                graphs[regularise].replay()
+            else:
+                train_step(index, noise, regularise)
+        since_record += len(indices)
+        bar.update(len(indices))
+
+        # the window's one read of the device
+        if int(first_bad):
             bar.close()
-            raise Diverged(name, step, values[:2], last_saved, cfg)
-        sums += values
+            raise Diverged(name, int(first_bad), tuple(bad_losses.tolist()), last_saved, cfg)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            n = (step - 1) % cfg.log_every + 1
-            for key, value in zip(("loss_d", "loss_g", "r1"), sums / n):
-                history[key].append(round(float(value), 4))
+            for key, value in zip(("loss_d", "loss_g", "r1"), (sums / since_record).tolist()):
+                history[key].append(round(value, 4))
             history["step"].append(step)
-            sums[:] = 0
+            sums.zero_()
+            since_record = 0
             bar.set_postfix(loss_d=history["loss_d"][-1], loss_g=history["loss_g"][-1], refresh=False)
         if save is not None and step % cfg.checkpoint_every == 0 and step < cfg.steps:
             if not all(torch.isfinite(p).all() for p in keep.parameters()):  # finite losses, broken weights
                 bar.close()
-                raise Diverged(name, step, values[:2], last_saved, cfg)
+                raise Diverged(name, step, tuple((sums / max(since_record, 1))[:2].tolist()), last_saved, cfg)
             save(keep, step)
             last_saved = step
     bar.close()
     return keep.eval(), history
 
 
+def capture_steps(train_step, static_index, static_noise, kinds, optimizers) -> dict:
+    """One CUDA graph per kind of step (False: plain, True: with R1), each replaying a whole D+G update.
+
+    The eager steps before this warmed every kernel up; gradients are set to None before each capture so
+    that every graph owns the gradient buffers its backward writes and its optimizer steps read.
+    """
+    graphs = {}
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for kind in kinds:
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            graphs[kind] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graphs[kind], stream=stream):
+                train_step(static_index, static_noise, kind)
+    torch.cuda.current_stream().wait_stream(stream)
+    return graphs
+
+
 def generate_codes(gan: LatentGAN, noise: torch.Tensor, labels: torch.Tensor | None = None,
                    batch_size: int = 10_000) -> torch.Tensor:
-    """Noise (N, noise_dim) [and digits (N,)] -> un-standardised codes (N, latent_dim), ready to decode."""
+    """Noise (N, noise_dim) [and digits (N,)] -> un-standardised codes (N, latent_dim) on the generator's device."""
     if gan.conditional and labels is None:
         raise LatentlabError("the conditional GAN needs a digit for every sample")
-    out = []
+    device = device_of(gan.generator)
     with torch.no_grad():
-        for i in range(0, len(noise), batch_size):
-            digits = labels[i:i + batch_size] if gan.conditional else None
-            out.append(gan.generator(noise[i:i + batch_size], digits))
-    return torch.cat(out) * gan.code_std + gan.code_mean
+        standard = torch.cat([gan.generator(noise[i:i + batch_size].to(device),
+                                            labels[i:i + batch_size].to(device) if gan.conditional else None)
+                              for i in range(0, len(noise), batch_size)])
+    return gan.stats.restore(standard)
 
 
 def sample_images(gan: LatentGAN, decoder, count: int, *, digit=None, seed: int = 0) -> np.ndarray:
-    """`count` generated digits as uint8 (count, 28, 28), 255 = ink like MNIST; the same seed gives the same images.
+    """`count` generated digits as uint8 (count, 28, 28), 255 = ink like MNIST; the same seed gives the same images
+    on every device (the noise is drawn on the CPU).
 
     For the conditional GAN `digit` is one digit, an array of per-image digits, or None for 0-9 in turn.
     """
@@ -174,23 +241,18 @@ def sample_images(gan: LatentGAN, decoder, count: int, *, digit=None, seed: int 
     elif digit is not None:
         raise LatentlabError("the plain GAN cannot be asked for a digit; use the conditional GAN")
     codes = generate_codes(gan, noise, labels)
-    images = []
-    with torch.no_grad():
-        for i in range(0, count, 5000):
-            images.append(decoder(codes[i:i + 5000]))
-    images = torch.cat(images).squeeze(1)
-    return images.mul(255).round().clamp(0, 255).to(torch.uint8).numpy()
+    return pixels.to_uint8(batched(decoder.eval(), codes, device_of(decoder), 5000))
 
 
-def load_gan(run: Run, conditional: bool) -> LatentGAN:
+def load_gan(run: Run, conditional: bool, device="cpu") -> LatentGAN:
     name = "cgan" if conditional else "gan"
     generator, ckpt = run.load_model(name, Generator, "train-cgan" if conditional else "train-gan")
     try:
-        mean, std = ckpt["code_mean"].float(), ckpt["code_std"].float()
+        stats = CodeStats(ckpt["code_mean"].float(), ckpt["code_std"].float())
     except (KeyError, AttributeError) as e:
         raise LatentlabError(f"{run.checkpoints / (name + '.pt')}: not a usable {name} checkpoint "
                              f"(no code statistics: {str(e)[:80]})") from None
-    return LatentGAN(generator, mean, std, generator.noise_dim, conditional)
+    return LatentGAN(generator.to(device), CodeStats(stats.mean.to(device), stats.std.to(device)), conditional)
 
 
 def load_decoder(run: Run):
@@ -200,23 +262,6 @@ def load_decoder(run: Run):
 
 # ---------------------------------------------------------------------------------------------------------
 # `latentlab sample`
-
-
-def write_grid_png(images: np.ndarray, path: Path) -> None:
-    """uint8 (N, 28, 28) -> one grayscale PNG, ceil(sqrt(N)) digits a row, 2 black pixels between them.
-
-    Pillow (which matplotlib itself needs) writes it; matplotlib would add seconds to a cold `sample`.
-    """
-    from PIL import Image
-
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    pad = 2
-    grid = np.zeros((rows * (28 + pad) + pad, cols * (28 + pad) + pad), dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, cols)
-        grid[pad + r * (28 + pad):pad + r * (28 + pad) + 28, pad + c * (28 + pad):pad + c * (28 + pad) + 28] = image
-    Image.fromarray(grid, mode="L").save(path, format="PNG")
 
 
 def write_samples(run_dir, count: int, out, *, digit: int | None = None, seed: int = 0) -> Path:
@@ -243,7 +288,7 @@ def write_samples(run_dir, count: int, out, *, digit: int | None = None, seed: i
     images = sample_images(gan, load_decoder(run), count, digit=digit, seed=seed)
     try:
         if out.suffix.lower() == ".png":
-            write_grid_png(images, out)
+            pixels.write_grid_png(images, out)
         else:
             labels = np.full(count, -1 if digit is None else digit, dtype=np.int64)
             with open(out, "wb") as f:  # a file object, so numpy does not append another .npz
@@ -259,32 +304,29 @@ def write_samples(run_dir, count: int, out, *, digit: int | None = None, seed: i
 
 def _stage(ctx, conditional: bool) -> dict:
     from latentlab import figures
-    from latentlab.context import set_threads
+    from latentlab.context import set_threads, sub_seed
 
     name = "cgan" if conditional else "gan"
     cfg: GANConfig = getattr(ctx.config, name)
-    codes = ctx.codes("train")
-    code_mean, code_std = codes.mean(0), codes.std(0)
-    standardised = (codes - code_mean) / code_std
-    labels = torch.from_numpy(ctx.labels("train")) if conditional else None
-    seed = ctx.config.seed * 1000 + (5 if conditional else 4)  # one sub-seed per stage
+    codes, stats = ctx.standardised_codes("train"), ctx.code_stats
+    labels = torch.from_numpy(ctx.labels("train")).to(ctx.device) if conditional else None
 
     def save(generator, step):
-        ctx.run.save_checkpoint(name, checkpoint(generator, cfg, code_mean, code_std, kind=name, step=step))
+        ctx.run.save_checkpoint(name, checkpoint(generator, cfg, stats, kind=name, step=step))
 
     set_threads(1)  # small MLPs: one thread is fastest, and leaves the other core free
     start = time.perf_counter()
     try:
-        generator, history = train_gan(cfg, standardised, labels, seed=seed, save=save, name=name)
-    except Diverged as e:  # record it in metrics.json too, then stop the pipeline with the one-line message
-        ctx.run.update_metrics({name: {"loss": cfg.loss, "steps": cfg.steps, "diverged": True, "diverged_at": e.step,
-                                       "last_good_step": e.last_saved, "message": str(e)}})
+        generator, history = train_gan(cfg, codes, labels, seed=sub_seed(ctx.config.seed, name), save=save, name=name)
+    except Diverged as e:  # recorded in metrics.json too; the pipeline stops with the one-line message
+        e.sections = {name: {"loss": cfg.loss, "steps": cfg.steps, "diverged": True, "diverged_at": e.step,
+                             "last_good_step": e.last_saved, "message": str(e)}}
         raise
     train_seconds = time.perf_counter() - start
     save(generator, cfg.steps)
 
     # fixed noise for the figures, so runs and settings can be compared by eye
-    gan = LatentGAN(generator, code_mean, code_std, cfg.noise_dim, conditional)
+    gan = LatentGAN(generator, stats, conditional)
     decoder = ctx.autoencoder.decoder
     if conditional:
         digits = np.repeat(np.arange(NUM_CLASSES), 10)  # row r = digit r
@@ -300,9 +342,10 @@ def _stage(ctx, conditional: bool) -> dict:
         "loss": cfg.loss, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "r1": cfg.r1,
         "r1_every": cfg.r1_every, "ema": cfg.ema, "noise_dim": cfg.noise_dim, "hidden": cfg.hidden,
         "conditional": conditional, "discriminator": "projection" if conditional else "plain",
-        "train_codes": len(codes), "diverged": False,
+        "train_codes": len(codes), "diverged": False, "device": str(ctx.device),
         "final_loss_d": history["loss_d"][-1], "final_loss_g": history["loss_g"][-1],
-        "train_seconds": round(train_seconds, 2), "history": history,
+        "train_seconds": round(train_seconds, 2), "steps_per_second": round(cfg.steps / train_seconds, 1),
+        "history": history,
     }}
 
 

@@ -10,7 +10,7 @@ each path is.
 import numpy as np
 import torch
 
-from latentlab.context import Context, set_threads
+from latentlab.context import Context, set_threads, sub_seed
 from latentlab.errors import LatentlabError
 
 KINDS = ("linear_noise", "spherical_noise", "real_codes")
@@ -48,7 +48,7 @@ def step_lengths(points: np.ndarray) -> dict:
     return {"step_mean": float(relative.mean()), "step_max": float(relative.max(1).mean())}
 
 
-def score_paths(images: torch.Tensor, classifier, test_features: np.ndarray, rng: np.random.Generator,
+def score_paths(images: torch.Tensor, classifier, test: "Reference", rng: np.random.Generator,
                 resamples: int = 30) -> dict:
     """Digit-likeness and smoothness of paths of images (pairs, steps, 1, 28, 28).
 
@@ -57,7 +57,6 @@ def score_paths(images: torch.Tensor, classifier, test_features: np.ndarray, rng
     over pairs), so the verdict can tell a difference from noise.
     """
     from latentlab.classifier import features_and_proba
-    from latentlab.metrics import frechet_distance
 
     pairs, steps = images.shape[:2]
     flat = images.reshape(pairs * steps, 1, 28, 28)
@@ -69,11 +68,11 @@ def score_paths(images: torch.Tensor, classifier, test_features: np.ndarray, rng
     between = feats[:, inner]
 
     def fd(rows):
-        return frechet_distance(between[rows].reshape(-1, feats.shape[2]), test_features)
+        return test.frechet_distance(between[torch.as_tensor(rows, device=between.device)].reshape(-1, feats.shape[2]))
 
     bootstrap = [fd(rng.integers(0, pairs, pairs)) for _ in range(resamples)]
-    pixel = step_lengths(flat.reshape(pairs, steps, -1).double().numpy())
-    feature = step_lengths(feats)
+    pixel = step_lengths(flat.reshape(pairs, steps, -1).double().cpu().numpy())
+    feature = step_lengths(feats.double().cpu().numpy())
     return {
         "mean_confidence": float(per_pair_mean.mean()),
         "mean_confidence_se": float(per_pair_mean.std(ddof=1) / np.sqrt(pairs)),
@@ -141,17 +140,17 @@ def stage(ctx: Context) -> dict:
     from latentlab.autoencoder import decode
     from latentlab.classifier import features, load_classifier
     from latentlab.gan import generate_codes, load_gan
-    from latentlab.metrics import frechet_distance
+    from latentlab.metrics import Reference
 
     cfg = ctx.config.interpolation
-    set_threads(2)
-    gan = load_gan(ctx.run, conditional=False)
+    set_threads(ctx.threads)
+    gan = load_gan(ctx.run, conditional=False, device=ctx.device)
     decoder = ctx.autoencoder.decoder
-    classifier = load_classifier(ctx.run)
-    rng = torch.Generator().manual_seed(ctx.config.seed * 1000 + 6)
+    classifier = load_classifier(ctx.run).to(ctx.device)
+    rng = torch.Generator().manual_seed(sub_seed(ctx.config.seed, "interpolation"))
 
     noise_a, noise_b = torch.randn(2, cfg.pairs, gan.noise_dim, generator=rng)
-    test_codes = ctx.codes("test")
+    test_codes = ctx.codes("test").cpu()  # the paths are made on the CPU, then decoded on the device
     if 2 * cfg.pairs > len(test_codes):
         raise LatentlabError(f"interpolation.pairs={cfg.pairs}: needs {2 * cfg.pairs} test images, there are {len(test_codes)}")
     ends = torch.randperm(len(test_codes), generator=rng)[:2 * cfg.pairs].view(2, cfg.pairs)  # distinct images
@@ -160,21 +159,21 @@ def stage(ctx: Context) -> dict:
         return torch.cat([interpolate(a[i], b[i], cfg.steps, kind) for i in range(len(a))])
 
     codes = {
-        "linear_noise": generate_codes(gan, paths(noise_a, noise_b, "linear")),
-        "spherical_noise": generate_codes(gan, paths(noise_a, noise_b, "spherical")),
+        "linear_noise": generate_codes(gan, paths(noise_a, noise_b, "linear")).cpu(),
+        "spherical_noise": generate_codes(gan, paths(noise_a, noise_b, "spherical")).cpu(),
         "real_codes": paths(test_codes[ends[0]], test_codes[ends[1]], "linear"),
     }
     images = {k: decode(decoder, c).view(cfg.pairs, cfg.steps, 1, 28, 28) for k, c in codes.items()}
 
-    test_features = features(classifier, ctx.images("test"))
+    test = Reference(features(classifier, ctx.images("test")))
     n_between = cfg.pairs * (cfg.steps - 2)
     val = ctx.images("val")
-    floor_index = torch.randperm(len(val), generator=rng)[:n_between]
-    floor = frechet_distance(features(classifier, val[floor_index]), test_features)
-    bootstrap_rng = np.random.default_rng(ctx.config.seed * 1000 + 7)
-    results = {k: score_paths(images[k], classifier, test_features, bootstrap_rng) for k in KINDS}
+    floor_index = torch.randperm(len(val), generator=rng)[:n_between].to(ctx.device)
+    floor = test.frechet_distance(features(classifier, val[floor_index]))
+    bootstrap_rng = np.random.default_rng(sub_seed(ctx.config.seed, "interpolation-bootstrap"))
+    results = {k: score_paths(images[k], classifier, test, bootstrap_rng) for k in KINDS}
 
-    figures.grid_figure(torch.cat([images[k][0] for k in KINDS]), ctx.run.figures / "interpolation.png",
+    figures.grid_figure(torch.cat([images[k][0] for k in KINDS]).cpu(), ctx.run.figures / "interpolation.png",
                         rows=len(KINDS), cols=cfg.steps, row_labels=[LABELS[k] for k in KINDS],
                         title="interpolation: GAN noise (linear, spherical) and real test images' codes")
     return {"interpolation": {

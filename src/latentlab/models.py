@@ -1,6 +1,37 @@
-"""The networks: plain nn.Modules, each rebuilt from the keyword arguments stored in its checkpoint."""
+"""The networks: plain nn.Modules, each rebuilt from the keyword arguments stored in its checkpoint; batched
+inference; and the code statistics that standardise the AE's codes for the generators."""
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+
+@torch.no_grad()
+def batched(fn, inputs: torch.Tensor, device, batch_size: int = 2000) -> torch.Tensor:
+    """fn over `inputs` in batches on `device`, without gradients; the results stay on `device`."""
+    return torch.cat([fn(inputs[i:i + batch_size].to(device, non_blocking=True))
+                      for i in range(0, len(inputs), batch_size)])
+
+
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@dataclass
+class CodeStats:
+    """Per-dimension mean and std of the training codes: the generators work in standardised codes."""
+    mean: torch.Tensor   # (latent_dim,)
+    std: torch.Tensor    # (latent_dim,)
+
+    @classmethod
+    def of(cls, codes: torch.Tensor) -> "CodeStats":
+        return cls(codes.mean(0), codes.std(0))
+
+    def standardise(self, codes: torch.Tensor) -> torch.Tensor:
+        return (codes - self.mean.to(codes.device)) / self.std.to(codes.device)
+
+    def restore(self, standard: torch.Tensor) -> torch.Tensor:
+        return standard * self.std.to(standard.device) + self.mean.to(standard.device)
 
 
 class Encoder(nn.Module):

@@ -1,23 +1,33 @@
-"""The stages in order, what makes a stage done, and the lock that keeps two runs out of one folder.
+"""The stages, what each reads, what makes a stage done, running independent stages side by side, and the lock
+that keeps two runs out of one folder.
 
-A stage is done when DIR/stages.json records it with the hash of its settings chained to the hashes of
-every stage before it, and its outputs exist. So a changed setting redoes that stage and all after it,
-and a run killed mid-stage loses only that stage: the record is written after the stage's files.
+A stage is done when DIR/stages.json records it with the hash of its settings chained to the hashes of the
+stages it reads, and its outputs exist. So a changed setting redoes that stage and the stages that read it
+(a few-label setting no longer retrains the GANs), and a run killed mid-stage loses only the stages in
+flight: a stage's record is written after its files.
+
+`run_all` runs stages whose inputs are ready two at a time: one in this process, one in a child process
+(spawned, so it shares no threads or CUDA state with this one). Both take one CPU thread each then, which is
+where small networks are fastest anyway; the child's results come back as data and only this process writes
+metrics.json and stages.json, under a lock.
 """
 import fcntl
 import hashlib
 import importlib
 import json
+import multiprocessing
 import os
 import resource
+import threading
 import time
+import traceback
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from tqdm import tqdm
 
-from latentlab.config import Config, to_dict
+from latentlab.config import Config, from_dict, to_dict
 from latentlab.context import Context, resolve_device
 from latentlab.errors import LatentlabError
 from latentlab.runfolder import Run, environment, read_json, write_json
@@ -26,22 +36,30 @@ from latentlab.runfolder import Run, environment, read_json, write_json
 @dataclass(frozen=True)
 class Stage:
     name: str
-    function: str              # "module:function", imported only when the stage runs (or a callable)
+    function: str              # "module:function", imported only when the stage runs (a callable in tests)
     settings: tuple[str, ...]  # the Config sections it reads
     outputs: tuple[str, ...]   # files (relative to the run folder) that must exist for it to count as done
+    reads: tuple[str, ...]     # the stages whose outputs it uses
 
 
 STAGES = [
-    Stage("autoencoder", "latentlab.autoencoder:stage", ("autoencoder",), ("checkpoints/autoencoder.pt",)),
-    Stage("classifier", "latentlab.classifier:stage", ("classifier",), ("checkpoints/classifier.pt",)),
+    Stage("autoencoder", "latentlab.autoencoder:stage", ("autoencoder",), ("checkpoints/autoencoder.pt",), ()),
+    Stage("classifier", "latentlab.classifier:stage", ("classifier",), ("checkpoints/classifier.pt",), ()),
     Stage("fewshot", "latentlab.fewshot:stage", ("fewshot",),
-          ("fewshot_labels.json", "figures/fewshot_curves.png", "figures/fewshot_methods.png")),
-    Stage("gan", "latentlab.gan:stage_gan", ("gan",), ("checkpoints/gan.pt", "figures/gan_samples.png")),
-    Stage("cgan", "latentlab.gan:stage_cgan", ("cgan",), ("checkpoints/cgan.pt", "figures/cgan_samples.png")),
-    Stage("interpolation", "latentlab.interpolation:stage", ("interpolation",), ("figures/interpolation.png",)),
-    Stage("evaluation", "latentlab.evaluate:stage", ("evaluation",), ("figures/evaluation_frechet.png",)),
-    Stage("report", "latentlab.report:stage", (), ("report.md", "report.html")),
+          ("fewshot_labels.json", "figures/fewshot_curves.png", "figures/fewshot_methods.png"), ("autoencoder",)),
+    Stage("gan", "latentlab.gan:stage_gan", ("gan",), ("checkpoints/gan.pt", "figures/gan_samples.png"),
+          ("autoencoder",)),
+    Stage("cgan", "latentlab.gan:stage_cgan", ("cgan",), ("checkpoints/cgan.pt", "figures/cgan_samples.png"),
+          ("autoencoder",)),
+    Stage("interpolation", "latentlab.interpolation:stage", ("interpolation",), ("figures/interpolation.png",),
+          ("autoencoder", "classifier", "gan")),
+    Stage("evaluation", "latentlab.evaluate:stage", ("evaluation",), ("figures/evaluation_frechet.png",),
+          ("autoencoder", "classifier", "gan", "cgan")),
+    Stage("report", "latentlab.report:stage", (), ("report.md", "report.html"),
+          ("autoencoder", "classifier", "fewshot", "gan", "cgan", "interpolation", "evaluation")),
 ]
+# Which ready stage goes to the child process first: the long single-threaded ones, so the two halves balance.
+SIDE_PREFERENCE = ("classifier", "gan", "fewshot", "cgan", "evaluation", "interpolation")
 
 
 def peak_rss_mb() -> float:
@@ -57,15 +75,33 @@ def stage_names() -> list[str]:
     return [s.name for s in STAGES]
 
 
+def dependents(name: str) -> set[str]:
+    """Every stage that reads `name`, directly or through another stage."""
+    found, frontier = set(), {name}
+    while frontier:
+        frontier = {s.name for s in STAGES if set(s.reads) & frontier} - found
+        found |= frontier
+    return found
+
+
 def stage_hashes(config: Config) -> dict[str, str]:
-    """Each stage's hash covers its own settings, the seed and data, and the hash of the stage before it."""
+    """Each stage's hash covers its own settings, the seed and data, and the hashes of the stages it reads."""
     values = to_dict(config)
-    hashes, previous = {}, ""
-    for stage in STAGES:
+    hashes = {}
+    for stage in STAGES:  # listed so that every stage comes after the stages it reads
         own = {"seed": values["seed"], "data_dir": values["data_dir"], **{s: values[s] for s in stage.settings}}
-        text = json.dumps({"stage": stage.name, "settings": own, "previous": previous}, sort_keys=True)
-        previous = hashes[stage.name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+        text = json.dumps({"stage": stage.name, "settings": own, "reads": {r: hashes[r] for r in stage.reads}},
+                          sort_keys=True)
+        hashes[stage.name] = hashlib.sha256(text.encode()).hexdigest()[:16]
     return hashes
+
+
+def stage_function(name: str):
+    function = _stage(name).function
+    if callable(function):
+        return function
+    module, attr = function.split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 @contextmanager
@@ -92,6 +128,11 @@ def locked(run: Run):
         handle.close()
 
 
+def default_workers() -> int:
+    """Two stages at once where there are two cores or more (each then runs one thread), else one."""
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
 class Pipeline:
     """Runs stages in a run folder, records them in stages.json and keeps config.json current."""
 
@@ -100,6 +141,7 @@ class Pipeline:
         self.config = config
         self.ctx = Context(run=run, config=config, device=resolve_device(config.device))
         self.hashes = stage_hashes(config)
+        self._lock = threading.Lock()  # metrics.json and stages.json have one writer at a time
 
     def records(self) -> dict:
         path = self.run.root / "stages.json"
@@ -114,37 +156,72 @@ class Pipeline:
     def write_config(self) -> None:
         write_json(self.run.root / "config.json", {**to_dict(self.config), "environment": environment()})
 
-    def run_stage(self, name: str) -> dict:
-        """Run one stage now, record it, and forget every later stage (their inputs just changed)."""
-        function = _stage(name).function
-        if isinstance(function, str):
-            module, attr = function.split(":")
-            function = getattr(importlib.import_module(module), attr)
+    def record(self, name: str, sections: dict, seconds: float, peak_mb: float) -> None:
+        """Merge a finished stage's sections into metrics.json, record it, and forget the stages that read it."""
+        with self._lock:
+            self.run.update_metrics(sections, {name: seconds})
+            stale = dependents(name)
+            records = {k: v for k, v in self.records().items() if k not in stale and k != name}
+            records[name] = {"hash": self.hashes[name], "seconds": round(seconds, 3), "peak_rss_mb": peak_mb,
+                             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            write_json(self.run.root / "stages.json", records)
+
+    def record_failure(self, error: LatentlabError) -> None:
+        if error.sections:
+            with self._lock:
+                self.run.update_metrics(error.sections)
+
+    def run_stage(self, name: str, threads: int = 2) -> dict:
+        """Run one stage in this process now and record it."""
+        self.ctx.threads = threads
         start = time.perf_counter()
-        sections = function(self.ctx)
-        seconds = time.perf_counter() - start
-        self.run.update_metrics(sections, {name: seconds})
-        names = stage_names()
-        records = {k: v for k, v in self.records().items() if k in names[:names.index(name)]}
-        records[name] = {"hash": self.hashes[name], "seconds": round(seconds, 3),
-                         "peak_rss_mb": peak_rss_mb(),  # of the whole process so far
-                         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        write_json(self.run.root / "stages.json", records)
+        try:
+            sections = stage_function(name)(self.ctx)
+        except LatentlabError as e:
+            self.record_failure(e)
+            raise
+        self.record(name, sections, time.perf_counter() - start, peak_rss_mb())  # peak: this process so far
         return sections
 
-    def run_all(self, *, force: bool = False) -> None:
+    def run_all(self, *, force: bool = False, workers: int | None = None) -> None:
         self.write_config()
         total_start = time.perf_counter()
-        for i, stage in enumerate(STAGES, 1):
-            label = f"[{i}/{len(STAGES)}] {stage.name}"
-            if not force and self.is_done(stage.name):
-                tqdm.write(f"{label}: done before, skipped")
-                continue
-            tqdm.write(f"{label}: running")
-            self.run_stage(stage.name)
-            tqdm.write(f"{label}: finished in {self.records()[stage.name]['seconds']:.1f} s")
+        order = stage_names()
+        todo = [n for n in order if force or not self.is_done(n)]
+        for n in order:
+            if n not in todo:
+                tqdm.write(f"[{order.index(n) + 1}/{len(order)}] {n}: done before, skipped")
+        side = SideStage(self) if (workers or default_workers()) > 1 and len(todo) > 1 else None
+        done = set(order) - set(todo)
+        try:
+            while todo or (side and side.busy):
+                if side:
+                    side.raise_failure()
+                    done |= side.collect()
+                ready = [n for n in todo if set(_stage(n).reads) <= done]
+                if not ready:
+                    side.wait()  # what is left waits on the stage running beside
+                    continue
+                if side and not side.busy and len(ready) > 1:
+                    chosen = min(ready, key=lambda n: SIDE_PREFERENCE.index(n) if n in SIDE_PREFERENCE else 99)
+                    todo.remove(chosen)
+                    ready.remove(chosen)
+                    side.start(chosen, f"[{order.index(chosen) + 1}/{len(order)}] {chosen}")
+                name = ready[0]
+                todo.remove(name)
+                label = f"[{order.index(name) + 1}/{len(order)}] {name}"
+                tqdm.write(f"{label}: running")
+                self.run_stage(name, threads=1 if side and side.busy else 2)
+                done.add(name)
+                tqdm.write(f"{label}: finished in {self.records()[name]['seconds']:.1f} s")
+            if side:
+                side.raise_failure()
+        finally:
+            if side:
+                side.stop()
         timings = self.run.metrics().get("timings_s", {})
-        # total: the wall time of every stage as last run, so a resumed run still reports the whole study
+        # total: the time of every stage as last run, added up, so a resumed run still reports the whole study;
+        # wall_this_invocation: what this command took, stages side by side included
         self.run.update_metrics({"peak_memory_mb": {"this_invocation": peak_rss_mb()}},
                                 {"total": sum(timings.get(n, 0.0) for n in stage_names()),
                                  "this_invocation": time.perf_counter() - total_start})
@@ -152,3 +229,93 @@ class Pipeline:
             from latentlab.report import write_report
 
             write_report(self.run.root)
+
+
+# ---- a stage in a child process ------------------------------------------------------------------------
+
+def _child(run_root: str, config_values: dict, device: str, name: str, connection) -> None:
+    """Run one stage in a spawned process and send back ("ok", sections, seconds, peak MB) or the error."""
+    try:  # die with the parent: a killed run must not leave a stage writing into its folder
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    os.environ["TQDM_POSITION"] = "1"  # its progress bar under the parent's
+    try:
+        config = from_dict(config_values)
+        ctx = Context(run=Run(run_root), config=config, device=resolve_device(device), threads=1)
+        start = time.perf_counter()
+        sections = stage_function(name)(ctx)
+        connection.send(("ok", sections, time.perf_counter() - start, peak_rss_mb()))
+    except LatentlabError as e:
+        connection.send(("error", str(e), e.sections))
+    except KeyboardInterrupt:
+        pass
+    except BaseException:  # a bug: bring its traceback back to the parent
+        connection.send(("crash", traceback.format_exc(), None))
+    finally:
+        connection.close()
+
+
+class SideStage:
+    """One stage at a time in a spawned child process; a watcher thread records its result when it ends."""
+
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+        self.context = multiprocessing.get_context("spawn")
+        self.process = self.watcher = None
+        self.finished: set[str] = set()
+        self.failure: BaseException | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.watcher is not None and self.watcher.is_alive()
+
+    def start(self, name: str, label: str) -> None:
+        receive, send = self.context.Pipe(duplex=False)
+        p = self.pipeline
+        self.process = self.context.Process(
+            target=_child, args=(str(p.run.root), to_dict(p.config), str(p.ctx.device), name, send), daemon=True)
+        self.process.start()
+        send.close()
+        tqdm.write(f"{label}: running beside")
+        self.watcher = threading.Thread(target=self._watch, args=(name, label, receive), daemon=True)
+        self.watcher.start()
+
+    def _watch(self, name: str, label: str, receive) -> None:
+        try:
+            result = receive.recv()
+        except EOFError:  # the child died without a word (killed, out of memory)
+            result = ("crash", f"{name}: the process running this stage died (exit code {self.process.exitcode})", None)
+        self.process.join()
+        if result[0] == "ok":
+            _, sections, seconds, peak_mb = result
+            self.pipeline.record(name, sections, seconds, peak_mb)
+            self.finished.add(name)
+            tqdm.write(f"{label}: finished in {seconds:.1f} s (beside)")
+        elif result[0] == "error":
+            error = LatentlabError(result[1])
+            error.sections = result[2]
+            self.pipeline.record_failure(error)
+            self.failure = error
+        else:
+            self.failure = RuntimeError(f"stage {name} failed in its child process:\n{result[1]}")
+
+    def collect(self) -> set[str]:
+        return set(self.finished)
+
+    def wait(self) -> None:
+        if self.watcher is not None:
+            self.watcher.join()
+
+    def raise_failure(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    def stop(self) -> None:
+        """On the way out (an error or Ctrl-C here): end a stage still running beside; its work is lost."""
+        if self.process is not None and self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)

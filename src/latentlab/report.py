@@ -9,10 +9,8 @@ import re
 from pathlib import Path
 
 from latentlab.context import Context
-from latentlab.runfolder import read_json
-
-# The reference report's own results (50 labels, 200 epochs): quoted, not measured here.
-REFERENCE = {"seed_mlp_frozen": 0.745, "seed_mlp_end_to_end": 0.607}
+from latentlab.fewshot import REFERENCE  # the reference report's own results: quoted, not measured here
+from latentlab.runfolder import read_json, write_text
 
 
 def pct(x) -> str:
@@ -198,8 +196,8 @@ def write_report(root: Path) -> tuple[Path, Path]:
     metrics = read_json(root / "metrics.json")
     config = read_json(root / "config.json")
     text = markdown_report(metrics, config, root)
-    (root / "report.md").write_text(text)
-    (root / "report.html").write_text(html_report(text, root))
+    write_text(root / "report.md", text)
+    write_text(root / "report.html", html_report(text, root))
     return root / "report.md", root / "report.html"
 
 

@@ -18,7 +18,7 @@ import latentlab
 from latentlab.errors import LatentlabError
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: readers see old or new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -33,8 +33,12 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def write_text(path: Path, text: str) -> None:
+    atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
 def write_json(path: Path, obj) -> None:
-    _atomic_write(Path(path), lambda f: f.write((json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()))
+    atomic_write(Path(path), lambda f: f.write((json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()))
 
 
 def read_json(path: Path) -> dict:
@@ -104,7 +108,7 @@ class Run:
 
     def save_checkpoint(self, name: str, checkpoint: dict) -> Path:
         path = self.checkpoints / f"{name}.pt"
-        _atomic_write(path, lambda f: torch.save(checkpoint, f))
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
         return path
 
     def load_model(self, name: str, model_class, command: str):
