@@ -156,13 +156,16 @@ class Pipeline:
     def write_config(self) -> None:
         write_json(self.run.root / "config.json", {**to_dict(self.config), "environment": environment()})
 
-    def record(self, name: str, sections: dict, seconds: float, peak_mb: float) -> None:
+    def record(self, name: str, sections: dict, seconds: float, peak_mb: float, cpu_seconds: float,
+               beside: bool = False) -> None:
         """Merge a finished stage's sections into metrics.json, record it, and forget the stages that read it."""
         with self._lock:
             self.run.update_metrics(sections, {name: seconds})
             stale = dependents(name)
             records = {k: v for k, v in self.records().items() if k not in stale and k != name}
             records[name] = {"hash": self.hashes[name], "seconds": round(seconds, 3), "peak_rss_mb": peak_mb,
+                             "cpu_seconds": round(cpu_seconds, 2),  # user + system time of its process
+                             "beside": beside,  # ran in a child process beside another stage
                              "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             write_json(self.run.root / "stages.json", records)
 
@@ -174,13 +177,14 @@ class Pipeline:
     def run_stage(self, name: str, threads: int = 2) -> dict:
         """Run one stage in this process now and record it."""
         self.ctx.threads = threads
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         try:
             sections = stage_function(name)(self.ctx)
         except LatentlabError as e:
             self.record_failure(e)
             raise
-        self.record(name, sections, time.perf_counter() - start, peak_rss_mb())  # peak: this process so far
+        # peak memory: of this process so far
+        self.record(name, sections, time.perf_counter() - start, peak_rss_mb(), time.process_time() - cpu_start)
         return sections
 
     def run_all(self, *, force: bool = False, workers: int | None = None) -> None:
@@ -191,16 +195,21 @@ class Pipeline:
         for n in order:
             if n not in todo:
                 tqdm.write(f"[{order.index(n) + 1}/{len(order)}] {n}: done before, skipped")
+        # the report comes last, after the totals below, so that it shows them
+        last = [n for n in todo if n == "report"]
+        todo = [n for n in todo if n != "report"]
         side = SideStage(self) if (workers or default_workers()) > 1 and len(todo) > 1 else None
-        done = set(order) - set(todo)
+        done = set(order) - set(todo) - set(last)
         try:
             while todo or (side and side.busy):
                 if side:
                     side.raise_failure()
                     done |= side.collect()
                 ready = [n for n in todo if set(_stage(n).reads) <= done]
-                if not ready:
-                    side.wait()  # what is left waits on the stage running beside
+                if not ready:  # what is left waits on the stage running beside
+                    if not (side and side.busy):
+                        raise RuntimeError(f"stages {todo} wait on stages that are not running")
+                    side.wait()
                     continue
                 if side and not side.busy and len(ready) > 1:
                     chosen = min(ready, key=lambda n: SIDE_PREFERENCE.index(n) if n in SIDE_PREFERENCE else 99)
@@ -209,11 +218,8 @@ class Pipeline:
                     side.start(chosen, f"[{order.index(chosen) + 1}/{len(order)}] {chosen}")
                 name = ready[0]
                 todo.remove(name)
-                label = f"[{order.index(name) + 1}/{len(order)}] {name}"
-                tqdm.write(f"{label}: running")
-                self.run_stage(name, threads=1 if side and side.busy else 2)
+                self._run_and_say(name, order, threads=1 if side and side.busy else 2)
                 done.add(name)
-                tqdm.write(f"{label}: finished in {self.records()[name]['seconds']:.1f} s")
             if side:
                 side.raise_failure()
         finally:
@@ -221,14 +227,18 @@ class Pipeline:
                 side.stop()
         timings = self.run.metrics().get("timings_s", {})
         # total: the time of every stage as last run, added up, so a resumed run still reports the whole study;
-        # wall_this_invocation: what this command took, stages side by side included
+        # this_invocation: what this command took, stages side by side counted once
         self.run.update_metrics({"peak_memory_mb": {"this_invocation": peak_rss_mb()}},
-                                {"total": sum(timings.get(n, 0.0) for n in stage_names()),
+                                {"total": sum(timings.get(n, 0.0) for n in stage_names() if n != "report"),
                                  "this_invocation": time.perf_counter() - total_start})
-        if "report" in stage_names():  # once more, so the report shows the final timings
-            from latentlab.report import write_report
+        for name in last:
+            self._run_and_say(name, order)
 
-            write_report(self.run.root)
+    def _run_and_say(self, name: str, order: list[str], threads: int = 2) -> None:
+        label = f"[{order.index(name) + 1}/{len(order)}] {name}"
+        tqdm.write(f"{label}: running")
+        self.run_stage(name, threads=threads)
+        tqdm.write(f"{label}: finished in {self.records()[name]['seconds']:.1f} s")
 
 
 # ---- a stage in a child process ------------------------------------------------------------------------
@@ -246,9 +256,9 @@ def _child(run_root: str, config_values: dict, device: str, name: str, connectio
     try:
         config = from_dict(config_values)
         ctx = Context(run=Run(run_root), config=config, device=resolve_device(device), threads=1)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         sections = stage_function(name)(ctx)
-        connection.send(("ok", sections, time.perf_counter() - start, peak_rss_mb()))
+        connection.send(("ok", sections, time.perf_counter() - start, peak_rss_mb(), time.process_time() - cpu_start))
     except LatentlabError as e:
         connection.send(("error", str(e), e.sections))
     except KeyboardInterrupt:
@@ -286,22 +296,25 @@ class SideStage:
 
     def _watch(self, name: str, label: str, receive) -> None:
         try:
-            result = receive.recv()
-        except EOFError:  # the child died without a word (killed, out of memory)
-            result = ("crash", f"{name}: the process running this stage died (exit code {self.process.exitcode})", None)
-        self.process.join()
-        if result[0] == "ok":
-            _, sections, seconds, peak_mb = result
-            self.pipeline.record(name, sections, seconds, peak_mb)
-            self.finished.add(name)
-            tqdm.write(f"{label}: finished in {seconds:.1f} s (beside)")
-        elif result[0] == "error":
-            error = LatentlabError(result[1])
-            error.sections = result[2]
-            self.pipeline.record_failure(error)
-            self.failure = error
-        else:
-            self.failure = RuntimeError(f"stage {name} failed in its child process:\n{result[1]}")
+            try:
+                result = receive.recv()
+            except EOFError:  # the child died without a word (killed, out of memory)
+                result = ("crash", f"the process running this stage died (exit code {self.process.exitcode})", None)
+            self.process.join()
+            if result[0] == "ok":
+                _, sections, seconds, peak_mb, cpu_seconds = result
+                self.pipeline.record(name, sections, seconds, peak_mb, cpu_seconds, beside=True)
+                self.finished.add(name)
+                tqdm.write(f"{label}: finished in {seconds:.1f} s (beside)")
+            elif result[0] == "error":
+                error = LatentlabError(result[1])
+                error.sections = result[2]
+                self.pipeline.record_failure(error)
+                self.failure = error
+            else:
+                self.failure = RuntimeError(f"stage {name} failed in its child process:\n{result[1]}")
+        except BaseException as e:  # whatever happens here, the main loop must hear of it
+            self.failure = e
 
     def collect(self) -> set[str]:
         return set(self.finished)

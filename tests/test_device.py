@@ -1,0 +1,95 @@
+"""Device plumbing, tested without a GPU: data and models follow the run's device (PyTorch's "meta" device
+stands in for a second one: shapes without storage), and the training loops read the device back only a
+bounded number of times, not once a step."""
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from latentlab.autoencoder import train_autoencoder
+from latentlab.classifier import train_classifier
+from latentlab.config import AutoencoderConfig, ClassifierConfig, GANConfig
+from latentlab.context import Context
+from latentlab.fewshot import nearest, whiten
+from latentlab.gan import LatentGAN, generate_codes, train_gan
+from latentlab.models import CodeStats, Generator
+from tests.conftest import tiny_config
+
+HOST_READS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"}
+
+
+class HostReads(TorchFunctionMode):
+    """Counts latentlab's calls that copy a tensor's value to the host (each a sync with a GPU).
+
+    torch's own reads are left out: the CPU optimiser reads its step counter, a CPU tensor (on CUDA the
+    loop's optimisers are capturable and keep it on the device).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in HOST_READS:
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            self.count += not caller.startswith("torch")
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads(fn) -> int:
+    with HostReads() as counter:
+        fn()
+    return counter.count
+
+
+def test_context_keeps_images_models_and_codes_on_its_device(tiny_run):
+    ctx = Context(tiny_run, tiny_config(), device=torch.device("meta"))
+    assert ctx.images("val").device.type == "meta" and ctx.images("val").shape == (5000, 1, 28, 28)
+    assert all(p.device.type == "meta" for p in ctx.autoencoder.parameters())
+    codes = ctx.codes("val")
+    assert codes.device.type == "meta" and codes.shape == (5000, 16)
+    assert ctx.code_stats.mean.device.type == "meta" and ctx.standardised_codes("val").device.type == "meta"
+
+
+def test_generated_codes_come_back_on_the_generators_device():
+    generator = Generator(noise_dim=4, latent_dim=3, hidden=8, num_classes=10).to("meta")
+    stats = CodeStats(torch.zeros(3, device="meta"), torch.ones(3, device="meta"))
+    codes = generate_codes(LatentGAN(generator, stats, conditional=True), torch.randn(7, 4), torch.arange(7))
+    assert codes.device.type == "meta" and codes.shape == (7, 3)
+
+
+def test_neighbour_search_runs_where_the_codes_are():
+    codes = torch.randn(50, 4, device="meta")
+    embed = whiten(torch.randn(50, 4))
+    assert embed(torch.randn(5, 4)).norm(dim=1).allclose(torch.ones(5))
+    distances, indices = nearest(codes, codes, 3, exclude_self=True)
+    assert distances.device.type == indices.device.type == "meta" and indices.shape == (50, 3)
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_gan_loop_reads_the_device_once_per_window_not_once_per_step(conditional):
+    codes = torch.randn(500, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(500) % 10 if conditional else None
+
+    def reads(steps):
+        cfg = GANConfig(steps=steps, noise_dim=4, hidden=16, batch_size=32, log_every=50, checkpoint_every=10_000)
+        return host_reads(lambda: train_gan(cfg, codes, labels, seed=0))
+
+    short, long = reads(100), reads(200)
+    per_window = (long - short) / 2  # two more windows of 50 steps
+    assert per_window <= 10, f"{per_window} host reads per window of 50 steps"
+
+
+def test_autoencoder_and_classifier_loops_read_the_device_per_epoch_not_per_step():
+    images = torch.rand(640, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    labels = np.arange(640) % 10
+    one, two = (host_reads(lambda e=e: train_autoencoder(AutoencoderConfig(latent_dim=4, width=4, epochs=e,
+                                                                          batch_size=32), images, images[:64], seed=0))
+                for e in (1, 2))
+    assert two - one <= 10  # an epoch of 20 steps adds a handful of reads, not one a step
+    one, two = (host_reads(lambda e=e: train_classifier(ClassifierConfig(width=4, epochs=e, batch_size=32), images,
+                                                        labels, images[:64], labels[:64], seed=0))
+                for e in (1, 2))
+    assert two - one <= 10
