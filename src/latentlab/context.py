@@ -42,11 +42,9 @@ class Context:
         """The 55k/5k train/validation split, made once per run from its seed and saved in split.npz."""
         path = self.run.root / "split.npz"
         if path.exists():
-            try:
-                with np.load(path) as f:
-                    return {"train": f["train"], "val": f["val"]}
-            except Exception as e:
-                raise LatentlabError(f"{path}: damaged split file ({type(e).__name__}); delete it to redraw") from None
+            from latentlab.checks import read_split
+
+            return read_split(path, len(self.dataset.train_images))
         split = data.split_indices(self.config.seed, len(self.dataset.train_images))
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, **split)

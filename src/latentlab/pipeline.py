@@ -20,7 +20,7 @@ from tqdm import tqdm
 from latentlab.config import Config, to_dict
 from latentlab.context import Context, resolve_device
 from latentlab.errors import LatentlabError
-from latentlab.runfolder import Run, environment, read_json, write_json
+from latentlab.runfolder import Run, environment, write_json
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,10 @@ class Pipeline:
         self.hashes = stage_hashes(config)
 
     def records(self) -> dict:
+        from latentlab.checks import read_stages
+
         path = self.run.root / "stages.json"
-        return read_json(path) if path.exists() else {}
+        return read_stages(path) if path.exists() else {}
 
     def is_done(self, name: str) -> bool:
         stage = _stage(name)
