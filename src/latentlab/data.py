@@ -110,3 +110,18 @@ def to_tensor(images: np.ndarray):
     import torch
 
     return torch.from_numpy(images).float().div_(255.0).unsqueeze(1)
+
+
+def dataset_name(data_dir: str | Path | None) -> str:
+    """"MNIST" for the shipped files or a folder holding exactly them (by SHA-256); otherwise the folder's name."""
+    if data_dir is None:
+        return "MNIST"
+    folder = Path(data_dir)
+    try:
+        for stem in ("train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                     "train-images-idx3-ubyte"):  # the small files first: another dataset differs at once
+            if hashlib.sha256(_read_file(folder, stem)[0]).hexdigest() != MNIST_SHA256[stem]:
+                return folder.name or str(folder)
+    except LatentlabError:
+        return folder.name or str(folder)
+    return "MNIST"
