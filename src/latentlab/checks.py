@@ -383,6 +383,21 @@ def check_needs(root, stage: str) -> None:
         check_checkpoint(path, load_checkpoint_file(path), name)
 
 
+def check_own_settings(before: dict, after: dict, stage: str, command: str) -> None:
+    """A stage command on an existing run changes only its own section (and the device): the earlier stages
+    were made with the run's seed, data and settings, and config.json must keep saying so."""
+    for key, value in after.items():
+        if key in (stage, "device", "environment") or before.get(key) == value:
+            continue
+        if isinstance(value, dict):
+            sub = next(k for k in value if before.get(key, {}).get(k) != value[k])
+            key, was, value = f"{key}.{sub}", before.get(key, {}).get(sub), value[sub]
+        else:
+            was = before.get(key)
+        raise LatentlabError(f"{key}={value!r}: this run was made with {key}={was!r}, and `latentlab {command}` changes "
+                             f"only {stage}.* settings; start another run (`latentlab run --out NEW ...`) for this")
+
+
 def check_run_files(root) -> None:
     """A run folder's own JSON files, checked before a command writes anything to it (split.npz: with the data)."""
     root = Path(root)

@@ -158,7 +158,8 @@ def cmd_run(args) -> None:
 
 
 def cmd_stage(args) -> None:
-    from latentlab.checks import check_config, check_needs, check_run_files, config_from_json
+    from latentlab.checks import check_config, check_needs, check_own_settings, check_run_files, config_from_json
+    from latentlab.config import to_dict
     from latentlab.pipeline import Pipeline, locked
     from latentlab.runfolder import Run
 
@@ -170,7 +171,10 @@ def cmd_stage(args) -> None:
         raise LatentlabError(f"{root}: exists and is not a folder")
     config_path = root / "config.json"
     base = config_from_json(config_path) if config_path.exists() else None
+    before = to_dict(base) if base is not None else None
     config = resolve_config(args, base)
+    if before is not None:
+        check_own_settings(before, to_dict(config), stage, args.command)
     if root.is_dir():
         check_run_files(root)
     check_config(config, root if root.is_dir() else None)
@@ -178,7 +182,8 @@ def cmd_stage(args) -> None:
     run = Run(root, create=True)
     with locked(run):
         pipeline = Pipeline(run, config)
-        pipeline.write_config()
+        if before is None or to_dict(config) != before:  # unchanged settings: config.json stays as the run wrote it
+            pipeline.write_config()
         pipeline.run_stage(stage)
     print(f"latentlab: {stage} finished in {run.root}")
 

@@ -192,7 +192,7 @@ def load_gan(run: Run, conditional: bool) -> LatentGAN:
         ae = run.load_checkpoint("autoencoder")
         check_checkpoint(ae_path, ae, "autoencoder")
         latent = ae["model_args"].get("latent_dim")
-        if latent != generator.latent_dim:
+        if latent is not None and latent != generator.latent_dim:  # no latent_dim: the AE's own load says what is wrong
             raise LatentlabError(f"{run.checkpoints / (name + '.pt')}: makes codes of size {generator.latent_dim}, but "
                                  f"the run's autoencoder decodes codes of size {latent}; retrain it with "
                                  f"`latentlab {'train-cgan' if conditional else 'train-gan'} --run {run.root}`")
