@@ -49,6 +49,15 @@ def words(config: dict) -> dict:
             "class": "digit" if mnist else "class"}
 
 
+def in_words(text: str, w: dict) -> str:
+    """A stage's verdict in the dataset's words: the stages write "digit", which only MNIST's classes are."""
+    if w["mnist"]:
+        return text
+    for old, new in (("digit-like", "like real images"), ("digits", "images"), ("digit", "class")):
+        text = text.replace(old, new)
+    return text
+
+
 def autoencoder_section(m: dict, root: Path, w: dict) -> str:
     ae = m.get("autoencoder")
     if not ae:
@@ -131,7 +140,7 @@ def generation_section(m: dict, root: Path, w: dict) -> str:
             parts.append(f"{w['class'].capitalize()} read in the plain GAN's samples (mode collapse would show as "
                          "a skew):\n\n" + _table([w["class"]] + [str(d) for d in range(10)], [["share"] + [pct(v) for v in gq["class_histogram"]]]))
         if ev.get("verdict"):
-            parts.append(f"**Verdict.** {ev['verdict']}")
+            parts.append(f"**Verdict.** {in_words(ev['verdict'], w)}")
         if ev.get("targets"):
             parts.append("Targets: " + ", ".join(f"{name} {'met' if met else '**not met**'}"
                                                  for name, met in ev["targets"].items()) + ".")
@@ -153,7 +162,7 @@ def interpolation_section(m: dict, root: Path, w: dict) -> str:
              _figures(root, "interpolation*.png"),
              _table(["path"] + keys, rows)]
     if it.get("verdict"):
-        parts.append(f"**Verdict.** {it['verdict']}")
+        parts.append(f"**Verdict.** {in_words(it['verdict'], w)}")
     return "\n\n".join(parts)
 
 
