@@ -186,6 +186,17 @@ def test_checkpoint_of_the_wrong_kind_is_an_error(finished, tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_gan_of_another_autoencoder_is_an_error(finished, tmp_path, capsys):
+    from latentlab.autoencoder import checkpoint
+    from latentlab.config import AutoencoderConfig
+    from latentlab.models import Autoencoder
+
+    cfg = AutoencoderConfig(latent_dim=7, width=4)
+    Run(finished).save_checkpoint("autoencoder", checkpoint(Autoencoder(latent_dim=7, width=4), cfg))
+    code, err = run_cli(["sample", "--run", finished, "--count", 4, "--out", tmp_path / "x.png"], capsys)
+    assert code == 2 and "gan.pt: makes codes of size 16, but the run's autoencoder decodes codes of size 7" in one_line(err)
+
+
 @pytest.mark.parametrize("edit, fragment", [
     (lambda c: c.update(code_std=torch.zeros_like(c["code_std"])), "code_std must be > 0"),
     (lambda c: c.update(code_mean=c["code_mean"][:3]), "code_mean must be a float tensor of the code's size"),
@@ -273,6 +284,25 @@ def test_evaluate_refuses_before_rewriting_anything(finished, capsys, must_refus
     code, err = run_cli(["evaluate", "--run", finished, "--set", "evaluation.samples=10001"], capsys)
     assert code == 2 and "evaluation.samples=10001: more than the 10000 test images" in one_line(err)
     assert files_of(finished) == before
+
+
+@pytest.mark.parametrize("option, fragment", [
+    (["--seed", "5"], "seed=5: this run was made with seed=0"),
+    (["--set", "cgan.steps=3"], "cgan.steps=3: this run was made with cgan.steps=50"),
+    (["--data-dir", "/tmp"], "data_dir="),
+])
+def test_stage_commands_change_only_their_own_settings(finished, option, fragment, capsys, must_refuse):
+    before = files_of(finished)
+    code, err = run_cli(["train-gan", "--run", finished, *option], capsys)
+    assert code == 2 and fragment in one_line(err) and "changes only gan.* settings" in err
+    assert files_of(finished) == before
+
+
+def test_a_stage_rerun_with_the_same_settings_keeps_config_json(finished, capsys):
+    before = (finished / "config.json").read_bytes()
+    code, err = run_cli(["train-gan", "--run", finished, "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert (finished / "config.json").read_bytes() == before  # versions and commit as the run recorded them
 
 
 @pytest.mark.parametrize("command", ["fewshot", "train-gan", "train-cgan", "interpolate", "evaluate", "report",
