@@ -53,8 +53,8 @@ def build_parser() -> Parser:
                        epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="run folder (default runs/<data>-seed<seed>)")
     p.add_argument("--quick", action="store_true",
-                   help="a smaller pipeline for a first look (smaller slices, fewer epochs and steps; "
-                        "75-80 s measured on a 2-core CPU at commit f43292a)")
+                   help="a smaller pipeline for a first look: smaller slices, fewer epochs and steps (measured at "
+                        "commit fb84f6f on a 2-core CPU shared with other jobs: 217 s wall, 104 s of CPU time)")
     p.add_argument("--force", action="store_true", help="redo every stage, even those already done")
     _add_common(p)
 
