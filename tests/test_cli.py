@@ -31,7 +31,7 @@ def test_help_lists_every_command(capsys):
     (["run", "--set", "autoencoder.epochs=two"], "autoencoder.epochs"),
     (["run", "--set", "autoencoder.epochs=0"], "autoencoder.epochs"),
     (["run", "--data-dir", "/no/such/folder"], "/no/such/folder"),
-    (["run", "--set", "interpolation.steps=2"], "interpolation.pairs"),
+    (["run", "--set", "interpolation.steps=2"], "interpolation.steps"),
     (["run", "--set", "gan.r1=-1"], "gan.r1"),
     (["train-ae"], "--run"),
     (["frobnicate"], "frobnicate"),

@@ -6,6 +6,7 @@ import torch
 
 from latentlab import cli
 from latentlab.classifier import load_classifier
+from latentlab.checks import check_config
 from latentlab.config import validate
 from latentlab.context import Context
 from latentlab.errors import LatentlabError
@@ -124,9 +125,9 @@ def test_evaluate_without_a_classifier_is_a_one_line_error(tiny_run, tmp_path, c
 
 def test_settings_are_checked():
     config = tiny_config()
-    config.evaluation.samples = 20_000
+    config.evaluation.samples = 20_000  # more than the test images: a limit of the data, checked with it
     with pytest.raises(LatentlabError, match="evaluation.samples"):
-        validate(config)
+        check_config(config)
     config = tiny_config()
     config.classifier.lr = 0.0
     with pytest.raises(LatentlabError, match="classifier.lr"):

@@ -85,7 +85,7 @@ def test_training_is_reproducible_from_its_seed():
 def test_absurd_learning_rate_stops_with_one_line_and_status_2(tiny_run, tmp_path, capsys):
     run = copy_run(tiny_run, tmp_path)
     code = main(["train-gan", "--run", str(run.root), "--set", "gan.steps=50", "--set", "gan.batch_size=64",
-                 "--set", "gan.lr=1000"])
+                 "--set", "gan.lr=1"])  # the largest accepted learning rate diverges at once
     err = capsys.readouterr().err.split("\r")[-1]  # after the progress bar, which tqdm clears
     assert code == 2
     assert err.startswith("latentlab: error: gan: training diverged at step") and err.count("\n") == 1

@@ -64,7 +64,7 @@ def test_bad_paths_are_one_line_errors(gan_run, tiny_run, tmp_path, capsys):
     a_file.write_text("not a folder")
     cases = [
         (gan_run, tmp_path / "missing" / "x.png", "does not exist"),       # no such output folder
-        (gan_run, a_file / "x.png", "does not exist"),                     # a file where a folder should be
+        (gan_run, a_file / "x.png", "file.txt is a file, not a folder"),   # a file where a folder should be
         (gan_run, tmp_path, "is a folder"),
         (gan_run, tmp_path / "x.jpg", "must end in .png"),
         (gan_run, tmp_path / ("x" * 300 + ".png"), "cannot write"),       # the system refuses the name
@@ -97,7 +97,7 @@ def test_checkpoints_of_the_wrong_kind_are_one_line_errors(gan_run, tmp_path, ca
     run = shutil.copytree(gan_run.root, tmp_path / "run")
     good = torch.load(run / "checkpoints" / "gan.pt", weights_only=True)
     cases = [
-        ("gan.pt", {k: v for k, v in good.items() if k != "code_mean"}, [], "gan.pt: not a usable gan checkpoint"),
+        ("gan.pt", {k: v for k, v in good.items() if k != "code_mean"}, [], "gan.pt: code_mean must be a float tensor"),
         ("gan.pt", {k: v for k, v in good.items() if k != "model_args"}, [], "gan.pt: not a latentlab checkpoint"),
         ("gan.pt", {**good, "model_args": {**good["model_args"], "hidden": 7}}, [], "gan.pt: weights do not fit the model"),
         ("autoencoder.pt", {"kind": "autoencoder", "model_args": {}, "state_dict": {}}, [],

@@ -1,4 +1,8 @@
-"""Settings as dataclasses: one per stage, gathered in `Config`. config.json is `asdict(Config)`."""
+"""Settings as dataclasses: one per stage, gathered in `Config`. config.json is `asdict(Config)`.
+
+What each field accepts (type, range, and the limits the data sets) is in checks.FIELDS and RELATIONS,
+printed by `latentlab run --help`; every setting is checked there before the first stage starts.
+"""
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 
 
@@ -87,7 +91,7 @@ class Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
 
-# What --quick changes: a pipeline for a first look, well under a minute.
+# What --quick changes: a pipeline for a first look (smaller slices, fewer epochs and steps).
 QUICK = {
     "autoencoder": {"epochs": 1, "train_limit": 15_000},
     "classifier": {"epochs": 1, "train_limit": 10_000},
@@ -125,49 +129,10 @@ def from_dict(values: dict) -> Config:
 
 
 def validate(config: Config) -> None:
-    """Refuse settings no stage can use, naming the setting (as --set writes it)."""
-    from latentlab.errors import LatentlabError
+    """Refuse settings no stage can use, naming the setting (as --set writes it): every field's type and range.
 
-    def positive(section: str, *names: str):
-        for name in names:
-            value = getattr(getattr(config, section), name)
-            if not isinstance(value, int) or value < 1:
-                raise LatentlabError(f"{section}.{name}={value}: must be a whole number >= 1")
+    The limits live in checks.FIELDS (printed by `latentlab run --help`); checks.check_config adds the data's.
+    """
+    from latentlab.checks import check_fields
 
-    if config.device not in ("auto", "cpu", "cuda"):
-        raise LatentlabError(f"--device {config.device}: choose auto, cpu or cuda")
-    if config.stage_workers not in (0, 1, 2):
-        raise LatentlabError(f"stage_workers={config.stage_workers}: choose 0 (automatic), 1 or 2")
-    positive("autoencoder", "latent_dim", "width", "epochs", "batch_size")
-    if config.autoencoder.lr <= 0:
-        raise LatentlabError(f"autoencoder.lr={config.autoencoder.lr}: must be > 0")
-    positive("classifier", "epochs", "batch_size", "width")
-    if not config.classifier.lr > 0:
-        raise LatentlabError(f"classifier.lr={config.classifier.lr}: must be > 0")
-    positive("evaluation", "samples", "k", "gmm_components", "gmm_components_per_digit", "gmm_fit_limit")
-    if not config.evaluation.k < config.evaluation.samples <= 10_000:
-        raise LatentlabError(f"evaluation.samples={config.evaluation.samples}: must be more than evaluation.k "
-                             f"({config.evaluation.k}) and at most 10000 (the test images they are compared with)")
-    positive("fewshot", "labels_per_class", "draws", "epochs", "curve_every", "curve_images", "neighbours")
-    for name in ("end_to_end_draws", "train_limit"):
-        if not isinstance(getattr(config.fewshot, name), int) or getattr(config.fewshot, name) < 0:
-            raise LatentlabError(f"fewshot.{name}={getattr(config.fewshot, name)}: must be a whole number >= 0")
-    if not 0 <= config.fewshot.balance <= 1:
-        raise LatentlabError(f"fewshot.balance={config.fewshot.balance}: must be between 0 and 1")
-    if config.fewshot.draw not in ("balanced", "random"):
-        raise LatentlabError(f"fewshot.draw={config.fewshot.draw}: choose balanced or random")
-    positive("interpolation", "pairs", "steps")
-    if config.interpolation.pairs < 2 or config.interpolation.steps < 3:
-        raise LatentlabError(f"interpolation.pairs={config.interpolation.pairs}, steps={config.interpolation.steps}: "
-                             "need at least 2 pairs and 3 steps (two endpoints and one image between)")
-    for section in ("gan", "cgan"):
-        positive(section, "steps", "noise_dim", "hidden", "batch_size", "r1_every", "checkpoint_every", "log_every")
-        gan = getattr(config, section)
-        if not gan.lr > 0:
-            raise LatentlabError(f"{section}.lr={gan.lr}: must be > 0")
-        if not gan.r1 >= 0:
-            raise LatentlabError(f"{section}.r1={gan.r1}: must be >= 0")
-        if not 0 <= gan.ema < 1:
-            raise LatentlabError(f"{section}.ema={gan.ema}: must be in [0, 1)")
-        if gan.loss not in ("nonsaturating", "hinge"):
-            raise LatentlabError(f"{section}.loss={gan.loss}: choose nonsaturating or hinge")
+    check_fields(config)

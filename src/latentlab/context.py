@@ -64,11 +64,9 @@ class Context:
         if self._split is None:
             path = self.run.root / "split.npz"
             if path.exists():
-                try:
-                    with np.load(path) as f:
-                        self._split = {"train": f["train"], "val": f["val"]}
-                except Exception as e:
-                    raise LatentlabError(f"{path}: damaged split file ({type(e).__name__}); delete it to redraw") from None
+                from latentlab.checks import read_split
+
+                self._split = read_split(path, len(self.dataset.train_images))
             else:
                 self._split = data.split_indices(self.config.seed, len(self.dataset.train_images))
                 atomic_write(path, lambda f: np.savez(f, **self._split))

@@ -103,3 +103,18 @@ def split_indices(seed: int, n: int = N_TRAIN + N_VAL) -> dict[str, np.ndarray]:
     """Seeded 55,000 / 5,000 train / validation split of the training set."""
     order = np.random.default_rng(seed).permutation(n)
     return {"train": np.sort(order[:N_TRAIN]), "val": np.sort(order[N_TRAIN:N_TRAIN + N_VAL])}
+
+
+def dataset_name(data_dir: str | Path | None) -> str:
+    """"MNIST" for the shipped files or a folder holding exactly them (by SHA-256); otherwise the folder's name."""
+    if data_dir is None:
+        return "MNIST"
+    folder = Path(data_dir)
+    try:
+        for stem in ("train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                     "train-images-idx3-ubyte"):  # the small files first: another dataset differs at once
+            if hashlib.sha256(_read_file(folder, stem)[0]).hexdigest() != MNIST_SHA256[stem]:
+                return folder.name or str(folder)
+    except LatentlabError:
+        return folder.name or str(folder)
+    return "MNIST"

@@ -33,12 +33,12 @@ from sklearn.decomposition import PCA  # noqa: E402
 from latentlab import pixels  # noqa: E402
 from latentlab.autoencoder import decode, encode, load_autoencoder  # noqa: E402
 from latentlab.classifier import load_classifier, predict_proba  # noqa: E402
-from latentlab.config import from_dict  # noqa: E402
+from latentlab.checks import config_from_json  # noqa: E402
 from latentlab.context import Context  # noqa: E402
 from latentlab.errors import LatentlabError  # noqa: E402
 from latentlab.gan import LatentGAN, generate_codes, load_gan, sample_images  # noqa: E402
 from latentlab.interpolation import interpolate  # noqa: E402
-from latentlab.runfolder import Run, atomic_write, read_json  # noqa: E402
+from latentlab.runfolder import Run, atomic_write  # noqa: E402
 
 MAX_COUNT = 64
 MIN_STEPS, MAX_STEPS = 2, 20
@@ -116,7 +116,7 @@ def trained_run(run_dir) -> Run:
 def load_models(run_dir) -> DemoModels:
     """Load every model the page uses and project the test codes once."""
     run = trained_run(run_dir)
-    ctx = Context(run=run, config=from_dict(read_json(run.root / "config.json")))  # the run's own data
+    ctx = Context(run=run, config=config_from_json(run.root / "config.json"))  # the run's own data, checked
     autoencoder = load_autoencoder(run)
     gan, cgan, classifier = load_gan(run, conditional=False), load_gan(run, conditional=True), load_classifier(run)
     codes = encode(autoencoder.encoder, ctx.images("test")).numpy()

@@ -246,13 +246,20 @@ def sample_images(gan: LatentGAN, decoder, count: int, *, digit=None, seed: int 
 
 def load_gan(run: Run, conditional: bool, device="cpu") -> LatentGAN:
     name = "cgan" if conditional else "gan"
-    generator, ckpt = run.load_model(name, Generator, "train-cgan" if conditional else "train-gan")
-    try:
-        stats = CodeStats(ckpt["code_mean"].float(), ckpt["code_std"].float())
-    except (KeyError, AttributeError) as e:
-        raise LatentlabError(f"{run.checkpoints / (name + '.pt')}: not a usable {name} checkpoint "
-                             f"(no code statistics: {str(e)[:80]})") from None
-    return LatentGAN(generator.to(device), CodeStats(stats.mean.to(device), stats.std.to(device)), conditional)
+    generator, ckpt = run.load_model(name, Generator, "train-cgan" if conditional else "train-gan")  # checked there
+    ae_path = run.checkpoints / "autoencoder.pt"
+    if ae_path.is_file():  # codes of one size go into a decoder of another: a GAN of another run's autoencoder
+        from latentlab.checks import check_checkpoint
+
+        ae = run.load_checkpoint("autoencoder")
+        check_checkpoint(ae_path, ae, "autoencoder")
+        latent = ae["model_args"].get("latent_dim")
+        if latent is not None and latent != generator.latent_dim:  # no latent_dim: the AE's own load says what is wrong
+            raise LatentlabError(f"{run.checkpoints / (name + '.pt')}: makes codes of size {generator.latent_dim}, but "
+                                 f"the run's autoencoder decodes codes of size {latent}; retrain it with "
+                                 f"`latentlab {'train-cgan' if conditional else 'train-gan'} --run {run.root}`")
+    stats = CodeStats(ckpt["code_mean"].float().to(device), ckpt["code_std"].float().to(device))
+    return LatentGAN(generator.to(device), stats, conditional)
 
 
 def load_decoder(run: Run):
@@ -270,11 +277,18 @@ def write_samples(run_dir, count: int, out, *, digit: int | None = None, seed: i
         raise LatentlabError(f"--count {count}: must be between 1 and {MAX_SAMPLES}")
     if digit is not None and not 0 <= digit <= 9:
         raise LatentlabError(f"--digit {digit}: must be a digit from 0 to 9")
+    from latentlab.checks import MAX_SEED
+
+    if not 0 <= seed <= MAX_SEED:
+        raise LatentlabError(f"--seed {seed}: must be a whole number 0-{MAX_SEED}")
     out = Path(out)
     try:  # checked before the models load, so a bad path fails at once
         is_folder, parent_is_folder = out.is_dir(), out.parent.is_dir()
+        blocker = next((p for p in out.parents if p.exists()), None)  # the nearest part of the path that exists
     except OSError as e:  # e.g. a name too long for the file system
         raise LatentlabError(f"--out {out}: cannot write there ({e.strerror})") from None
+    if blocker is not None and not blocker.is_dir():
+        raise LatentlabError(f"--out {out}: {blocker} is a file, not a folder")
     if is_folder:
         raise LatentlabError(f"--out {out}: is a folder; give a file name ending in .png or .npz")
     if out.suffix.lower() not in (".png", ".npz"):

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from latentlab.config import Config, from_dict, to_dict
 from latentlab.context import Context, resolve_device
 from latentlab.errors import LatentlabError
-from latentlab.runfolder import Run, environment, read_json, write_json
+from latentlab.runfolder import Run, environment, write_json
 
 
 @dataclass(frozen=True)
@@ -144,8 +144,10 @@ class Pipeline:
         self._lock = threading.Lock()  # metrics.json and stages.json have one writer at a time
 
     def records(self) -> dict:
+        from latentlab.checks import read_stages
+
         path = self.run.root / "stages.json"
-        return read_json(path) if path.exists() else {}
+        return read_stages(path) if path.exists() else {}
 
     def is_done(self, name: str) -> bool:
         stage = _stage(name)

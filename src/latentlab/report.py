@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from latentlab.context import Context
+from latentlab.errors import LatentlabError
 from latentlab.fewshot import REFERENCE  # the reference report's own results: quoted, not measured here
 from latentlab.runfolder import read_json, write_text
 
@@ -36,34 +37,54 @@ def _figures(root: Path, *names: str) -> str:
     return "\n\n".join(lines)
 
 
-def autoencoder_section(m: dict, root: Path) -> str:
+def words(config: dict) -> dict:
+    """The dataset's name and what to call its images and classes: digits only for MNIST."""
+    from latentlab.data import dataset_name
+
+    name = dataset_name(config.get("data_dir"))
+    mnist = name == "MNIST"
+    return {"name": name, "mnist": mnist, "images": "digits" if mnist else "images",
+            "class": "digit" if mnist else "class"}
+
+
+def in_words(text: str, w: dict) -> str:
+    """A stage's verdict in the dataset's words: the stages write "digit", which only MNIST's classes are."""
+    if w["mnist"]:
+        return text
+    for old, new in (("digit-like", "like real images"), ("digits", "images"), ("digit", "class")):
+        text = text.replace(old, new)
+    return text
+
+
+def autoencoder_section(m: dict, root: Path, w: dict) -> str:
     ae = m.get("autoencoder")
     if not ae:
         return ""
     return "\n\n".join([
         "## Autoencoder",
         f"A convolutional autoencoder with a {ae['latent_dim']}-dimensional code, trained for {ae['epochs']} epochs on "
-        f"{ae['train_images']} images, reconstructs the test digits with a mean squared error of "
+        f"{ae['train_images']} images, reconstructs the test {w['images']} with a mean squared error of "
         f"**{num(ae['test_mse'], 5)} per pixel** (pixels in [0, 1]; binary cross-entropy {num(ae['test_bce'], 4)}).",
         _figures(root, "ae_reconstructions.png", "ae_losses.png"),
     ])
 
 
-def fewshot_section(m: dict, root: Path) -> str:
+def fewshot_section(m: dict, root: Path, w: dict) -> str:
     fs = m.get("fewshot")
     if not fs:
         return ""
     methods = fs["methods"]
     parts = ["## Few-label classification",
              f"{fs['labels']} labelled training images ({fs['draw']} draw), {fs['draws']} independent draws; "
-             "accuracy on the 10k test set: mean ± standard deviation over the draws, and the worst draw."]
+             "accuracy on the test set: mean ± standard deviation over the draws, and the worst draw."]
     rows = []
     for name, ref in REFERENCE.items():
-        if name in methods:
+        if name in methods and w["mnist"]:  # the reference figures are MNIST's: no comparison for other data
             acc = methods[name]["test_accuracy"]
             rows.append([f"`{name}`", f"{pct(ref)} (reference report)",
                          f"{pct(acc['mean'])} ± {pct(acc['std'])}", pct(acc["min"])])
-    parts.append(_table(["regime of the reference MLP", "reference report", "latentlab", "worst draw"], rows))
+    if rows:
+        parts.append(_table(["regime of the reference MLP", "reference report", "latentlab", "worst draw"], rows))
     ranked = sorted(methods.items(), key=lambda kv: -kv[1]["test_accuracy"]["mean"])
     rows = [[f"`{name}`" + (" **(headline)**" if name == fs.get("best_method") else ""),
              "transductive" if info.get("transductive") else "inductive",
@@ -81,14 +102,14 @@ def _quality_row(name: str, q: dict) -> list[str]:
             pct(q["accuracy"]) if "accuracy" in q else "-"]
 
 
-def generation_section(m: dict, root: Path) -> str:
+def generation_section(m: dict, root: Path, w: dict) -> str:
     if "gan" not in m and "cgan" not in m:
         return ""
     parts = ["## Generation in the latent space",
              "A generator maps Gaussian noise to codes and the decoder turns codes into images; the conditional "
-             "generator also takes the digit. Quality is measured with latentlab's own digit classifier on "
-             f"{m.get('evaluation', {}).get('samples', 'n/a')} samples per model: the share read as the digit asked "
-             "for, the Fréchet distance between classifier features of generated and test images, and k-NN "
+             f"generator also takes the {w['class']}. Quality is measured with latentlab's own classifier on "
+             f"{m.get('evaluation', {}).get('samples', 'n/a')} samples per model: the share read as the {w['class']} "
+             "asked for, the Fréchet distance between classifier features of generated and test images, and k-NN "
              "precision/recall in the same space."]
     parts.append(_figures(root, "gan_samples.png", "cgan_samples.png"))
     ev = m.get("evaluation")
@@ -110,14 +131,14 @@ def generation_section(m: dict, root: Path) -> str:
         cq = m.get("cgan", {}).get("quality")
         if cq and "accuracy_per_digit" in cq:
             digits = sorted(cq["accuracy_per_digit"])
-            parts.append("Conditional accuracy per digit:\n\n" + _table(
-                ["digit"] + digits, [["read as asked"] + [pct(cq["accuracy_per_digit"][d]) for d in digits]]))
+            parts.append(f"Conditional accuracy per {w['class']}:\n\n" + _table(
+                [w["class"]] + digits, [["read as asked"] + [pct(cq["accuracy_per_digit"][d]) for d in digits]]))
         gq = m.get("gan", {}).get("quality")
         if gq and "class_histogram" in gq:
-            parts.append("Digits read in the plain GAN's samples (mode collapse would show as a skew):\n\n" + _table(
-                ["digit"] + [str(d) for d in range(10)], [["share"] + [pct(v) for v in gq["class_histogram"]]]))
+            parts.append(f"{w['class'].capitalize()} read in the plain GAN's samples (mode collapse would show as "
+                         "a skew):\n\n" + _table([w["class"]] + [str(d) for d in range(10)], [["share"] + [pct(v) for v in gq["class_histogram"]]]))
         if ev.get("verdict"):
-            parts.append(f"**Verdict.** {ev['verdict']}")
+            parts.append(f"**Verdict.** {in_words(ev['verdict'], w)}")
         if ev.get("targets"):
             parts.append("Targets: " + ", ".join(f"{name} {'met' if met else '**not met**'}"
                                                  for name, met in ev["targets"].items()) + ".")
@@ -125,7 +146,7 @@ def generation_section(m: dict, root: Path) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
-def interpolation_section(m: dict, root: Path) -> str:
+def interpolation_section(m: dict, root: Path, w: dict) -> str:
     it = m.get("interpolation")
     if not it:
         return ""
@@ -133,23 +154,24 @@ def interpolation_section(m: dict, root: Path) -> str:
     keys = sorted({key for k in kinds for key, v in it[k].items() if isinstance(v, (int, float))})
     rows = [[k] + [num(it[k].get(key)) for key in keys] for k in kinds]
     parts = ["## Interpolation",
-             "The reference report judged paths between two GAN samples more digit-like than paths between two "
-             "real images through the autoencoder. Measured here over random pairs:",
+             f"The reference report (on MNIST) judged paths between two GAN samples more digit-like than paths "
+             f"between two real images through the autoencoder. Measured here{'' if w['mnist'] else ' on ' + w['name']} "
+             "over random pairs, by the classifier's confidence along the path:",
              _figures(root, "interpolation*.png"),
              _table(["path"] + keys, rows)]
     if it.get("verdict"):
-        parts.append(f"**Verdict.** {it['verdict']}")
+        parts.append(f"**Verdict.** {in_words(it['verdict'], w)}")
     return "\n\n".join(parts)
 
 
-def settings_section(m: dict, config: dict) -> str:
+def settings_section(m: dict, config: dict, w: dict) -> str:
     env = config.get("environment", {})
     timings = m.get("timings_s", {})
     rows = [[stage, num(seconds, 1)] for stage, seconds in timings.items()]
     settings = {k: v for k, v in config.items() if k != "environment"}
     return "\n\n".join([
         "## Settings, versions and timings",
-        f"Seed {config.get('seed')}; data: {config.get('data_dir') or 'the shipped MNIST'}; "
+        f"Seed {config.get('seed')}; data: {w['name']} ({config.get('data_dir') or 'shipped with latentlab'}); "
         f"latentlab {env.get('latentlab')}, torch {env.get('torch')}, Python {env.get('python')}, "
         f"commit {env.get('git_commit') or 'unknown'}.",
         _table(["stage", "wall seconds"], rows),
@@ -159,15 +181,21 @@ def settings_section(m: dict, config: dict) -> str:
 
 
 def markdown_report(metrics: dict, config: dict, root: Path) -> str:
-    parts = ["# latentlab report"]
+    w = words(config)
+    parts = [f"# latentlab report: {w['name']}"]
     if config.get("quick"):
         parts.append("> **Quick run (`--quick`)**: small settings for a first look. These numbers are not the "
                      "study's; run without `--quick` for them.")
-    for section in (autoencoder_section(metrics, root), fewshot_section(metrics, root),
-                    generation_section(metrics, root), interpolation_section(metrics, root),
-                    settings_section(metrics, config)):
-        if section:
-            parts.append(section)
+    for name, section in (("autoencoder", autoencoder_section), ("fewshot", fewshot_section),
+                          ("gan", generation_section), ("interpolation", interpolation_section)):
+        try:  # metrics.json's sections are objects (checked on read); a field missing or of a wrong type inside:
+            text = section(metrics, root, w)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise LatentlabError(f"{root / 'metrics.json'}: the {name} section is damaged "
+                                 f"({type(e).__name__}: {' '.join(str(e).split())[:80]})") from None
+        if text:
+            parts.append(text)
+    parts.append(settings_section(metrics, config, w))
     return "\n\n".join(parts) + "\n"
 
 
@@ -193,7 +221,10 @@ def html_report(markdown_text: str, root: Path) -> str:
 
 def write_report(root: Path) -> tuple[Path, Path]:
     root = Path(root)
-    metrics = read_json(root / "metrics.json")
+    from latentlab.checks import config_from_json, read_metrics
+
+    metrics = read_metrics(root / "metrics.json")
+    config_from_json(root / "config.json")  # checked; the report prints the file's own values
     config = read_json(root / "config.json")
     text = markdown_report(metrics, config, root)
     write_text(root / "report.md", text)

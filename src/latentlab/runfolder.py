@@ -23,6 +23,7 @@ def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give it the mode every other file of the run gets
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -35,6 +36,12 @@ def atomic_write(path: Path, write) -> None:
 
 def write_text(path: Path, text: str) -> None:
     atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, obj) -> None:
@@ -95,8 +102,10 @@ class Run:
 
     # metrics.json: each stage replaces its own top-level sections and its timing.
     def metrics(self) -> dict:
+        from latentlab.checks import read_metrics
+
         path = self.root / "metrics.json"
-        return read_json(path) if path.exists() else {}
+        return read_metrics(path) if path.exists() else {}
 
     def update_metrics(self, sections: dict, timings: dict | None = None) -> dict:
         metrics = self.metrics()
@@ -111,12 +120,17 @@ class Run:
         atomic_write(path, lambda f: torch.save(checkpoint, f))
         return path
 
-    def load_model(self, name: str, model_class, command: str):
+    def load_model(self, name: str, model_class, command: str, kind: str | None = None):
         """Rebuild `model_class` from checkpoint `name` without flags; returns (model in eval mode, checkpoint).
 
         `command` is the latentlab subcommand that makes the checkpoint, named in the error when it is missing.
+        The checkpoint must be of `kind` (default: `name`), so a file of another model is an error, never a
+        silently different model; its arguments, weights and (GANs) code statistics are checked too.
         """
+        from latentlab.checks import check_checkpoint
+
         ckpt = self.load_checkpoint(name, needed_by=f"train it with `latentlab {command} --run {self.root}`")
+        check_checkpoint(self.checkpoints / f"{name}.pt", ckpt, kind or name)
         try:
             model = model_class(**ckpt["model_args"])
             model.load_state_dict(ckpt["state_dict"])
@@ -128,6 +142,12 @@ class Run:
     def load_checkpoint(self, name: str, *, needed_by: str | None = None) -> dict:
         path = self.checkpoints / f"{name}.pt"
         if not path.is_file():
+            from latentlab.checks import writer
+
+            owner = writer(self.root)
+            if owner:
+                raise LatentlabError(f"{path}: not written yet: a latentlab command ({owner}) is writing this run "
+                                     "folder now; wait for it to finish")
             hint = f"; {needed_by}" if needed_by else ""
             raise LatentlabError(f"{path}: checkpoint is missing{hint}")
         return load_checkpoint_file(path)
