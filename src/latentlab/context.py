@@ -23,8 +23,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def set_threads(n: int) -> None:
-    """Small MLPs train fastest on one thread here; the conv nets gain from two."""
-    torch.set_num_threads(max(1, min(n, os.cpu_count() or 1)))
+    """Small MLPs train fastest on one thread here; the conv nets gain from two.
+
+    LATENTLAB_THREADS caps it: `latentlab sweep` sets it so trials side by side don't fight over cores.
+    """
+    cap = os.environ.get("LATENTLAB_THREADS", "")
+    cap = int(cap) if cap.isdigit() and int(cap) > 0 else os.cpu_count() or 1
+    torch.set_num_threads(max(1, min(n, cap)))
 
 
 @dataclass
