@@ -154,7 +154,7 @@ def trial_command(out: Path, trial: Trial, *, quick: bool, device, data_dir) -> 
     if device:
         command += ["--device", device]
     if data_dir:
-        command += ["--data-dir", str(data_dir)]
+        command += ["--data-dir", str(Path(data_dir).resolve())]
     for setting in trial.settings:
         command += ["--set", setting]
     return command
@@ -379,6 +379,7 @@ def write_figures(summary: dict, folder: Path) -> None:
                       for t in info["trials"]]
             values = [(seed, v) for seed, v in values if v is not None]
             if not values:
+                ax.text(x, 0.5, "no finished trial", ha="center", fontsize=7, transform=ax.get_xaxis_transform())
                 continue
             xs = [x - 0.15 + 0.3 * i / max(1, len(values) - 1) for i in range(len(values))]  # spread the seeds
             ax.scatter(xs, [v for _, v in values], s=18, color="tab:blue", zorder=3)
@@ -435,7 +436,7 @@ def sweep(args, command: str) -> int:
             import ray  # noqa: F401
         except ImportError:
             raise LatentlabError("--address needs Ray: pip install 'latentlab[cluster]'") from None
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # absolute: trial processes (Ray's too) may start in another folder
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
