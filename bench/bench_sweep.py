@@ -10,6 +10,8 @@ Run it on a quiet machine: other processes on the cores change both times.
 """
 import argparse
 import json
+import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -19,12 +21,22 @@ from pathlib import Path
 from latentlab.sweep import parse_seeds
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) of every finished child process so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def timed(command: list[str]) -> float:
     start = time.perf_counter()
     result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if result.returncode != 0:
         sys.exit(f"failed: {' '.join(command)}\n{result.stderr[-2000:]}")
     return time.perf_counter() - start
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg()) + f" on {os.cpu_count()} cores"
 
 
 def main():
@@ -39,12 +51,18 @@ def main():
         folder = Path(args.keep or temporary)
         if args.keep and folder.exists() and any(folder.iterdir()):
             sys.exit(f"--keep {folder}: not empty (the benchmark needs fresh folders)")
+        # CPU seconds beside wall seconds: on a shared machine other processes take cores from both halves
+        print(f"before: {load()}", flush=True)
+        cpu = cpu_seconds()
         one_by_one = sum(timed(latentlab + ["run", "--quick", "--seed", str(s), "--out", str(folder / f"run{s}")])
                          for s in seeds)
-        print(f"{len(seeds)} quick runs one after another: {one_by_one:.1f} s", flush=True)
+        cpu, cpu_one_by_one = cpu_seconds(), cpu_seconds() - cpu
+        print(f"{len(seeds)} quick runs one after another: {one_by_one:.1f} s wall, {cpu_one_by_one:.1f} s CPU "
+              f"(then {load()})", flush=True)
         sweep = timed(latentlab + ["sweep", "--quick", "--seeds", args.seeds, "--workers", str(args.workers),
                                    "--out", str(folder / "S")])
-        print(f"latentlab sweep --quick --seeds {args.seeds} --workers {args.workers}: {sweep:.1f} s")
+        print(f"latentlab sweep --quick --seeds {args.seeds} --workers {args.workers}: {sweep:.1f} s wall, "
+              f"{cpu_seconds() - cpu:.1f} s CPU (then {load()})")
         stages = {}
         for s in seeds:  # each stage's mean seconds, alone and inside the sweep: where the time went
             for name, out in (("alone", folder / f"run{s}"), ("sweep", folder / "S" / f"seed{s}")):

@@ -11,6 +11,9 @@ A trial runs as a child process, `python -m latentlab run --out DIR/<trial> ...`
 killed is one failed trial, not a dead sweep, and the pipeline's own resume redoes only its missing stages.
 Trials run on this machine (a few at a time, each on its share of the cores) or, with --address, as Ray
 tasks on a cluster. Either way the same function, `run_trial`, runs each one.
+
+Exit status: 0 when every trial is done; 1 when any failed (named on stderr and in sweep.json); 2 for bad
+input, before any trial starts.
 """
 import base64
 import itertools
@@ -167,7 +170,12 @@ def _last_line(path: Path) -> str:
     except OSError:
         return ""
     lines = [line.strip() for line in re.split(r"[\r\n]+", text) if line.strip()]
-    return lines[-1][:300] if lines else ""
+    if not lines:
+        return ""
+    last = lines[-1]
+    if "latentlab: " in last:  # the CLI's message can follow a progress bar on the same line
+        last = last[last.rfind("latentlab: "):]
+    return last[:300]
 
 
 def run_trial(command: list[str], folder: str, threads: int, running: dict | None = None) -> dict:
@@ -220,17 +228,22 @@ def run_local(jobs: list[tuple[Trial, list[str]]], out: Path, workers: int, thre
     """`workers` trials at a time on this machine. Threads here only wait: the work is in the child processes."""
     running: dict = {}
     pool = ThreadPoolExecutor(max_workers=workers)
+    futures = {pool.submit(run_trial, command, str(out / trial.name), threads, running): trial
+               for trial, command in jobs}
+    reported = set()
     try:
-        futures = {pool.submit(run_trial, command, str(out / trial.name), threads, running): trial
-                   for trial, command in jobs}
         for future in as_completed(futures):
             on_result(futures[future], future.result())
+            reported.add(future)
     except KeyboardInterrupt:
-        for child in list(running.values()):  # each child keeps its finished stages
+        for child in list(running.values()):  # Ctrl-C for each trial in flight: it keeps its finished stages
             child.send_signal(signal.SIGINT)
-        raise
-    finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        for future in futures:  # record the interrupted trials too; the queued ones stay "not run"
+            if future.done() and not future.cancelled() and future not in reported:
+                on_result(futures[future], future.result())
+        raise
+    pool.shutdown()
 
 
 def run_ray(jobs: list[tuple[Trial, list[str]]], out: Path, address: str, device: str | None, on_result) -> None:
@@ -319,7 +332,8 @@ def aggregate(out: Path, trials: list[Trial], results: dict) -> dict:
         }
     return {"trials": rows, "grid_points": points,
             "failed": [name for name, row in rows.items() if row["status"] not in ("done", "done before")],
-            "std": "sample standard deviation over seeds (n - 1); 0 when n = 1"}
+            "note": "std is the sample standard deviation over seeds (n - 1), 0 when n = 1; a failed trial "
+                    "counts in no grid point's numbers"}
 
 
 def _fmt(x: float) -> str:
@@ -373,7 +387,7 @@ def write_figures(summary: dict, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     points = summary["grid_points"]
     for metric in _figure_metrics(summary):
-        fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(points) + 2), 3.2))
+        fig, ax = plt.subplots(figsize=(max(4.5, 1.3 * len(points) + 2), 3.4))
         for x, info in enumerate(points.values()):
             values = [(summary["trials"][t]["seed"], summary["trials"][t]["values"].get(metric))
                       for t in info["trials"]]
@@ -389,7 +403,7 @@ def write_figures(summary: dict, folder: Path) -> None:
             ax.errorbar([x + 0.3], [s["mean"]], yerr=[s["std"]], fmt="s", color="tab:red", capsize=4, zorder=2)
         ax.set_xticks(range(len(points)), list(points), rotation=20 if len(points) > 3 else 0, fontsize=7)
         ax.set_xlim(-0.6, len(points) - 0.3)
-        ax.set_title(f"{metric}: per seed (blue), mean ± std (red)", fontsize=9)
+        ax.set_title(f"{metric}\nper seed (blue dots, labelled), mean ± std over seeds (red)", fontsize=9)
         fig.tight_layout()
         fig.savefig(folder / _figure_name(metric), dpi=110)
         plt.close(fig)
