@@ -77,6 +77,7 @@ def test_killed_trial_resumes_and_a_failing_trial_does_not_stop_the_others(tmp_p
     assert sweep.returncode == 1, stderr
     summary = read(out / "sweep.json")
     assert sorted(summary["failed"]) == sorted([GOOD, BAD])
+    assert summary["executor"] == {"kind": "local", "workers": 2, "threads_per_trial": max(1, os.cpu_count() // 2)}
     assert summary["trials"][GOOD]["status"] == "failed"
     assert summary["trials"][GOOD]["error"].startswith("killed by SIGKILL")
     assert summary["trials"][BAD]["status"] == "failed"
@@ -166,6 +167,7 @@ def test_seed_lists():
     (["--workers", "0"], "--workers 0: must be at least 1"),
     (["--workers", "-2"], "--workers -2: must be at least 1"),
     (["--set", "gan.nope=1"], "--set gan.nope: unknown setting"),
+    (["--workers", "2", "--address", "auto"], "--workers: for trials on this machine"),
 ])
 def test_bad_sweep_input_is_one_line_and_exit_2_before_any_work(tmp_path, capsys, options, message):
     out = tmp_path / "S"
@@ -207,7 +209,7 @@ def test_sweep_on_a_local_ray_cluster(tiny_data):
         assert result.returncode == 0, result.stdout + result.stderr
         assert "as Ray tasks on" in result.stdout
         summary = read(out / "sweep.json")
-        assert summary["failed"] == []
+        assert summary["failed"] == [] and summary["executor"]["kind"] == "ray"
         assert {name: row["status"] for name, row in summary["trials"].items()} == {"seed0": "done", "seed1": "done"}
         point = summary["grid_points"]["base"]["metrics"]
         for name, path in (("autoencoder test MSE", ("autoencoder", "test_mse")),

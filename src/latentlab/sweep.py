@@ -26,6 +26,7 @@ import sys
 import time
 from argparse import Namespace
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,34 +247,44 @@ def run_local(jobs: list[tuple[Trial, list[str]]], out: Path, workers: int, thre
     pool.shutdown()
 
 
-def run_ray(jobs: list[tuple[Trial, list[str]]], out: Path, address: str, device: str | None, on_result) -> None:
-    """Each trial is a Ray task asking for one CPU (and a share of a GPU on a GPU cluster). Ray schedules them.
-
-    The trial folders must be on a filesystem every node of the cluster sees.
-    """
-    import ray
-
+@contextmanager
+def ray_cluster(address: str):
+    """Connected to the Ray cluster at `address` ("auto": the one on this machine) for the `with` block."""
+    try:
+        import ray
+    except ImportError:
+        raise LatentlabError("--address needs Ray: pip install 'latentlab[cluster]'") from None
     try:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     except Exception as e:  # Ray raises ConnectionError, ValueError, RuntimeError... for a bad address
         raise LatentlabError(f"--address {address}: cannot connect to a Ray cluster "
                              f"({' '.join(str(e).split())[:150]})") from None
     try:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        use_gpu = device == "cuda" or (device in (None, "auto") and gpus > 0)
-        task = ray.remote(num_cpus=1, num_gpus=1 / TRIALS_PER_GPU if use_gpu else 0, max_retries=0)(run_trial)
-        pending = {task.remote(command, str(out / trial.name), 1): trial for trial, command in jobs}
-        while pending:
-            [ready], _ = ray.wait(list(pending), num_returns=1)
-            trial = pending.pop(ready)
-            try:
-                result = ray.get(ready)
-            except Exception as e:  # the task itself died (its node went away): one failed trial
-                result = {"status": "failed", "error": f"ray task failed: {' '.join(str(e).split())[:200]}",
-                          "seconds": None}
-            on_result(trial, result)
+        yield ray
     finally:
         ray.shutdown()
+
+
+def run_ray(jobs: list[tuple[Trial, list[str]]], out: Path, device: str | None, on_result) -> None:
+    """Each trial is a Ray task asking for one CPU (and a share of a GPU on a GPU cluster); Ray places them.
+
+    Call it inside `ray_cluster`. The trial folders must be on a filesystem every node of the cluster sees.
+    """
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = device == "cuda" or (device in (None, "auto") and gpus > 0)
+    task = ray.remote(num_cpus=1, num_gpus=1 / TRIALS_PER_GPU if use_gpu else 0, max_retries=0)(run_trial)
+    pending = {task.remote(command, str(out / trial.name), 1): trial for trial, command in jobs}
+    while pending:
+        [ready], _ = ray.wait(list(pending), num_returns=1)
+        trial = pending.pop(ready)
+        try:
+            result = ray.get(ready)
+        except Exception as e:  # the task itself died (e.g. its node went away): one failed trial
+            result = {"status": "failed", "error": f"ray task failed: {' '.join(str(e).split())[:200]}",
+                      "seconds": None}
+        on_result(trial, result)
 
 
 # ---------------------------------------------------------------- aggregate
@@ -409,12 +420,12 @@ def write_figures(summary: dict, folder: Path) -> None:
         plt.close(fig)
 
 
-def write_outputs(out: Path, trials: list[Trial], results: dict, command: str, *, final: bool) -> dict:
+def write_outputs(out: Path, trials: list[Trial], results: dict, header: dict, *, final: bool) -> dict:
     """sweep.json now (after every trial); the figures, sweep.md and sweep.html once at the end."""
     from latentlab.report import html_report
     from latentlab.runfolder import _atomic_write
 
-    summary = {"command": command, **aggregate(out, trials, results)}
+    summary = {**header, **aggregate(out, trials, results)}
     write_json(out / "sweep.json", summary)
     if final:
         write_figures(summary, out / "figures")
@@ -444,49 +455,60 @@ def sweep(args, command: str) -> int:
 
     if args.workers is not None and args.workers < 1:
         raise LatentlabError(f"--workers {args.workers}: must be at least 1")
+    if args.workers is not None and args.address:
+        raise LatentlabError("--workers: for trials on this machine; with --address, Ray places the trials "
+                             "(one CPU each)")
     trials = plan(args)
-    if args.address:  # fail before any work when Ray is missing
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            raise LatentlabError("--address needs Ray: pip install 'latentlab[cluster]'") from None
     out = Path(args.out).resolve()  # absolute: trial processes (Ray's too) may start in another folder
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise LatentlabError(f"--out {out}: cannot create the folder ({e.strerror})") from None
-    with locked(SimpleNamespace(root=out)):  # one sweep per folder at a time
-        results, jobs = {}, []
-        for trial in trials:
-            if is_done(out / trial.name, trial_config(args, trial)):
-                results[trial.name] = {"status": "done before", "error": None, "seconds": None}
-            else:
-                jobs.append((trial, trial_command(out, trial, quick=args.quick, device=args.device,
-                                                  data_dir=args.data_dir)))
-        workers = args.workers or default_workers(len(jobs))
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        where = f"as Ray tasks on {args.address}" if args.address else f"{workers} at a time, {threads} thread(s) each"
-        print(f"latentlab: sweep of {len(trials)} trials into {out}: {len(trials) - len(jobs)} done before, "
-              f"{len(jobs)} to run {where}", flush=True)
-
-        def on_result(trial: Trial, result: dict) -> None:
-            results[trial.name] = result
-            detail = f": {result['error']}" if result["error"] else ""
-            print(f"latentlab: {trial.name} {result['status']} after {result['seconds']} s{detail}", flush=True)
-            write_outputs(out, trials, results, command, final=False)
-
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+    # connected before any work: Ray missing, or no cluster at the address, is a one-line error
+    with ray_cluster(args.address) if args.address else nullcontext():
         try:
-            if args.address:
-                run_ray(jobs, out, args.address, args.device, on_result)
-            else:
-                run_local(jobs, out, workers, threads, on_result)
-        finally:  # interrupted or not, the numbers so far are written
-            signal.signal(signal.SIGTERM, previous)
-            summary = write_outputs(out, trials, results, command, final=True)
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LatentlabError(f"--out {out}: cannot create the folder ({e.strerror})") from None
+        with locked(SimpleNamespace(root=out)):  # one sweep per folder at a time
+            summary = _run(args, trials, out, command)
     print(f"latentlab: sweep finished: {out / 'sweep.json'}, {out / 'sweep.md'}, {out / 'sweep.html'}")
     if summary["failed"]:
         print(f"latentlab: {len(summary['failed'])} of {len(trials)} trials failed: " + "; ".join(
             f"{name} ({summary['trials'][name]['error']})" for name in summary["failed"]), file=sys.stderr)
         return 1
     return 0
+
+
+def _run(args, trials: list[Trial], out: Path, command: str) -> dict:
+    results, jobs = {}, []
+    for trial in trials:
+        if is_done(out / trial.name, trial_config(args, trial)):
+            results[trial.name] = {"status": "done before", "error": None, "seconds": None}
+        else:
+            jobs.append((trial, trial_command(out, trial, quick=args.quick, device=args.device,
+                                              data_dir=args.data_dir)))
+    workers = args.workers or default_workers(len(jobs))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    if args.address:
+        executor = {"kind": "ray", "address": args.address, "cpus_per_trial": 1}
+        where = f"as Ray tasks on {args.address}"
+    else:
+        executor = {"kind": "local", "workers": workers, "threads_per_trial": threads}
+        where = f"{workers} at a time, {threads} thread(s) each"
+    header = {"command": command, "executor": executor}
+    print(f"latentlab: sweep of {len(trials)} trials into {out}: {len(trials) - len(jobs)} done before, "
+          f"{len(jobs)} to run {where}", flush=True)
+
+    def on_result(trial: Trial, result: dict) -> None:
+        results[trial.name] = result
+        detail = f": {result['error']}" if result["error"] else ""
+        print(f"latentlab: {trial.name} {result['status']} after {result['seconds']} s{detail}", flush=True)
+        write_outputs(out, trials, results, header, final=False)
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        if args.address:
+            run_ray(jobs, out, args.device, on_result)
+        else:
+            run_local(jobs, out, workers, threads, on_result)
+    finally:  # interrupted or not, the numbers so far are written
+        signal.signal(signal.SIGTERM, previous)
+        summary = write_outputs(out, trials, results, header, final=True)
+    return summary
