@@ -15,7 +15,6 @@ tasks on a cluster. Either way the same function, `run_trial`, runs each one.
 Exit status: 0 when every trial is done; 1 when any failed (named on stderr and in sweep.json); 2 for bad
 input, before any trial starts.
 """
-import base64
 import itertools
 import math
 import os
