@@ -70,6 +70,20 @@ def build_parser() -> Parser:
             p.add_argument("--draws", type=int, metavar="N", help="independent label draws (default 10)")
         _add_common(p)
 
+    p = sub.add_parser("sweep", help="run many seeds and settings (each trial a run folder) and report their spread")
+    p.add_argument("--out", required=True, help="sweep folder: one run folder per trial, sweep.json/.md/.html")
+    p.add_argument("--seeds", default="0-4", help="seeds: a range 0-4 or a list 0,3,7 (default 0-4)")
+    p.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
+                   help="try every value of a setting (repeatable: every combination is a grid point)")
+    p.add_argument("--quick", action="store_true", help="every trial a --quick run")
+    p.add_argument("--workers", type=int, help="trials at once on this machine (default: one per core)")
+    p.add_argument("--address", help="run the trials as tasks on this Ray cluster ('auto': the local one); "
+                                     "needs pip install 'latentlab[cluster]'")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where trials train (on a GPU they share it)")
+    p.add_argument("--data-dir", help="folder with the four MNIST-format IDX files (default: the shipped MNIST)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="change a setting in every trial (repeatable)")
+
     p = sub.add_parser("sample", help="generate digits with a trained run's GAN into a .png grid or a .npz file")
     p.add_argument("--run", required=True, help="a run folder with trained GANs (from `latentlab run`)")
     p.add_argument("--count", type=int, required=True, help="how many digits (1-100000)")
@@ -233,11 +247,16 @@ def cmd_demo(args) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
         for value in vars(args).values():  # a shell cannot pass one, but a caller of main() can: no path takes it
             if any("\0" in text for text in (value if isinstance(value, list) else [value]) if isinstance(text, str)):
                 raise LatentlabError(f"{one_line(value)}: an argument holds a NUL character")
+        if args.command == "sweep":
+            from latentlab.sweep import sweep
+
+            return sweep(args, command="latentlab " + " ".join(argv))
         if args.command == "run":
             cmd_run(args)
         elif args.command == "report":

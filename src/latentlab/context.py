@@ -26,9 +26,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_budget() -> int:
+    """The CPU threads this process may use: the cores, or LATENTLAB_THREADS where it is set (`latentlab sweep`
+    sets it, so that trials side by side don't fight over cores)."""
+    cap = os.environ.get("LATENTLAB_THREADS", "")
+    return int(cap) if cap.isdigit() and int(cap) > 0 else os.cpu_count() or 1
+
+
 def set_threads(n: int) -> None:
     """Small MLPs train fastest on one thread here; the conv nets gain from two."""
-    torch.set_num_threads(max(1, min(n, os.cpu_count() or 1)))
+    torch.set_num_threads(max(1, min(n, cpu_budget())))
 
 
 def sub_seed(seed: int, purpose: str) -> int:

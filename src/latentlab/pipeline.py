@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from tqdm import tqdm
 
 from latentlab.config import Config, from_dict, to_dict
-from latentlab.context import Context, resolve_device
+from latentlab.context import Context, cpu_budget, resolve_device
 from latentlab.errors import LatentlabError
 from latentlab.runfolder import Run, environment, write_json
 
@@ -129,8 +129,8 @@ def locked(run: Run):
 
 
 def default_workers() -> int:
-    """Two stages at once where there are two cores or more (each then runs one thread), else one."""
-    return 2 if (os.cpu_count() or 1) >= 2 else 1
+    """Two stages at once where there are two cores or more to use (each then runs one thread), else one."""
+    return 2 if cpu_budget() >= 2 else 1
 
 
 class Pipeline:
