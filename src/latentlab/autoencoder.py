@@ -7,7 +7,7 @@ from tqdm import tqdm
 
 from latentlab import figures
 from latentlab.config import AutoencoderConfig
-from latentlab.context import Context, set_threads
+from latentlab.context import Context, set_threads, write_codes
 from latentlab.errors import LatentlabError
 from latentlab.models import Autoencoder, CodeStats, batched, device_of
 from latentlab.runfolder import Run
@@ -40,18 +40,18 @@ def mean_loss(model, images: torch.Tensor, batch_size: int = 2000) -> tuple[floa
 
 def train_autoencoder(cfg: AutoencoderConfig, train: torch.Tensor, val: torch.Tensor, *, seed: int,
                       device=torch.device("cpu")) -> tuple[Autoencoder, dict]:
-    """Adam with cosine decay on per-pixel binary cross-entropy; returns the model and its per-epoch losses.
+    """Adam on per-pixel binary cross-entropy; returns the model and its per-epoch losses.
 
     The images are moved to `device` once; the loss stays there and is read once an epoch.
     """
     torch.manual_seed(seed)
-    model = Autoencoder(latent_dim=cfg.latent_dim, width=cfg.width).to(device)
+    # channels_last: the layout oneDNN's and cuDNN's fastest convolution kernels want
+    model = Autoencoder(latent_dim=cfg.latent_dim, width=cfg.width).to(device, memory_format=torch.channels_last)
     train, val = train.to(device), val.to(device)
     steps_per_epoch = len(train) // cfg.batch_size
     if steps_per_epoch < 1:
         raise LatentlabError(f"autoencoder: batch size {cfg.batch_size} is larger than the {len(train)} training images")
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(seed)
     history = {"train_bce": [], "val_bce": [], "val_mse": []}
     bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="autoencoder", unit="step", leave=False, mininterval=0.5)
@@ -65,7 +65,6 @@ def train_autoencoder(cfg: AutoencoderConfig, train: torch.Tensor, val: torch.Te
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            schedule.step()
             total += loss.detach()
             bar.update()
         val_bce, val_mse = mean_loss(model, val)
@@ -98,9 +97,11 @@ def stage(ctx: Context) -> dict:
     start = time.perf_counter()
     model, history = train_autoencoder(cfg, train, ctx.images("val"), seed=ctx.config.seed, device=ctx.device)
     train_seconds = time.perf_counter() - start
-    stats = CodeStats.of(encode(model.encoder, ctx.images("train")))  # every training code, whatever the limit
+    codes = {part: encode(model.encoder, ctx.images(part)) for part in ("train", "val", "test")}
+    stats = CodeStats.of(codes["train"])  # every training code, whatever the limit
     ctx.run.save_checkpoint("autoencoder", checkpoint(model, cfg, stats))
-    ctx.autoencoder_changed()  # later stages load the saved one
+    write_codes(ctx.run, codes)  # encoded once for every later stage and process
+    ctx.autoencoder_changed()  # later stages load the saved ones
     test = ctx.images("test")
     test_bce, test_mse = mean_loss(model, test)
     figures.reconstructions(test[:10], decode(model.decoder, encode(model.encoder, test[:10])),

@@ -61,7 +61,8 @@ FIELDS = {
     "gan": GAN, "cgan": GAN,
     "interpolation": {"pairs": whole(2, 5000), "steps": whole(3, 1000)},
     "evaluation": {"samples": whole(MIN_SAMPLES, 100_000), "k": whole(1, 100), "gmm_components": whole(1, MAX_MIXTURE),
-                   "gmm_components_per_digit": whole(1, MAX_MIXTURE), "gmm_fit_limit": whole(2, N_TRAIN)},
+                   "gmm_components_per_digit": whole(1, MAX_MIXTURE), "gmm_fit_limit": whole(2, N_TRAIN),
+                   "gmm_tol": number(0, 1, low_open=True)},
 }
 # What the data and the other settings limit, checked at start too (for `latentlab run --help`).
 RELATIONS = [

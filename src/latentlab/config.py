@@ -10,9 +10,9 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 class AutoencoderConfig:
     latent_dim: int = 32      # size of the code every later stage works in
     width: int = 32           # channels of the first conv (the second has twice as many)
-    epochs: int = 4
+    epochs: int = 4           # 3 epochs (0.0055 test MSE) cost the GANs: cGAN FD 14.2, recall 0.47
     batch_size: int = 128
-    lr: float = 2e-3          # Adam, with cosine decay to zero
+    lr: float = 2e-3          # Adam, constant (cosine decay to zero measured worse: 0.0050 vs 0.0045 at 4 epochs)
     train_limit: int = 0      # use only the first N training images (0 = all 55,000); for tests
 
 
@@ -32,8 +32,8 @@ class FewshotConfig:
     draw: str = "balanced"        # "balanced" (5 per digit) or "random" (50 at random)
     draws: int = 10               # independent label draws, each with its own seed
     epochs: int = 200             # the reference MLP's epochs, in both regimes
-    end_to_end_draws: int = 3     # other architectures than the reference's fine-tune on N draws (0 = every draw)
-    curve_every: int = 10         # the reference MLP's validation-accuracy curves: a point every N epochs
+    end_to_end_draws: int = 1     # other architectures than the reference's fine-tune on N draws (0 = every draw)
+    curve_every: int = 20         # the reference MLP's validation-accuracy curves: a point every N epochs
     curve_images: int = 500       # ... on this fixed sample of validation images (the encoder makes it costly)
     neighbours: int = 10          # k of the kNN graph of training codes for Poisson learning
     balance: float = 0.75         # 0 = plain Poisson argmax, 1 = class sizes forced to the label frequencies
@@ -71,6 +71,8 @@ class EvaluationConfig:
     gmm_components: int = 80
     gmm_components_per_digit: int = 16
     gmm_fit_limit: int = 20_000   # codes the all-digit mixture is fitted on (a seeded subset of the 55k)
+    gmm_tol: float = 0.01         # EM stops when the mean log-likelihood gains less: 80 components on 20k codes
+                                  # stop after 16 iterations instead of 54 (3x faster), validation -55.62 vs -55.60
 
 
 @dataclass

@@ -4,6 +4,7 @@ Images live on the run's device as float tensors (the shipped MNIST is 47 MB as 
 of it resident), and each split's latent codes are encoded once per process by the frozen encoder and kept
 there too. The autoencoder stage calls `autoencoder_changed()` after it saves a new model.
 """
+import hashlib
 import os
 import zlib
 
@@ -46,6 +47,33 @@ def sub_seed(seed: int, purpose: str) -> int:
     return int(np.random.SeedSequence([seed, zlib.crc32(purpose.encode())]).generate_state(1)[0])
 
 
+def autoencoder_fingerprint(run: Run) -> str:
+    """SHA-256 of the autoencoder's checkpoint file: which autoencoder a codes file belongs to."""
+    return hashlib.sha256((run.checkpoints / "autoencoder.pt").read_bytes()).hexdigest()
+
+
+def write_codes(run: Run, codes: dict[str, torch.Tensor]) -> None:
+    """DIR/codes.pt: every split's codes, so that later processes load them instead of encoding 70k images."""
+    atomic_write(run.root / "codes.pt", lambda f: torch.save(
+        {"autoencoder_sha256": autoencoder_fingerprint(run), **{k: v.cpu() for k, v in codes.items()}}, f))
+
+
+def read_codes(run: Run, autoencoder: Autoencoder) -> dict[str, torch.Tensor]:
+    """The saved codes if they are the current autoencoder's and of the right shape; else nothing (encode anew)."""
+    path = run.root / "codes.pt"
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("autoencoder_sha256") != autoencoder_fingerprint(run):
+            return {}
+    except Exception:  # missing, damaged or foreign: encoding again is always right
+        return {}
+    sizes = {"train": data.N_TRAIN, "val": data.N_VAL}
+    latent = autoencoder.encoder.net[-1].out_features
+    return {k: v for k, v in saved.items() if k in ("train", "val", "test") and isinstance(v, torch.Tensor)
+            and v.dtype == torch.float32 and v.ndim == 2 and v.shape[1] == latent and len(v) == sizes.get(k, len(v))
+            and bool(torch.isfinite(v).all())}
+
+
 class Context:
     """Lazily loaded data and models for the stages of one run, cached for the life of the process."""
 
@@ -57,7 +85,7 @@ class Context:
         self._images: dict[str, torch.Tensor] = {}
         self._autoencoder: Autoencoder | None = None
         self._code_stats: CodeStats | None = None
-        self._codes: dict[str, torch.Tensor] = {}
+        self._codes: dict[str, torch.Tensor] | None = None  # None: DIR/codes.pt not read yet
 
     @property
     def dataset(self) -> data.Dataset:
@@ -103,11 +131,13 @@ class Context:
 
     def autoencoder_changed(self) -> None:
         """Forget the loaded AE and every code it made: the next use reloads the newly saved one."""
-        self._autoencoder, self._code_stats = None, None
-        self._codes.clear()
+        self._autoencoder, self._code_stats, self._codes = None, None, None
 
     def codes(self, part: str) -> torch.Tensor:
-        """Latent codes (N, latent_dim) of a split, on the device, encoded once per process."""
+        """Latent codes (N, latent_dim) of a split, on the device: from DIR/codes.pt, which the autoencoder stage
+        writes, when it belongs to the run's autoencoder; else encoded here, once per process."""
+        if self._codes is None:
+            self._codes = {k: v.to(self.device) for k, v in read_codes(self.run, self.autoencoder).items()}
         if part not in self._codes:
             self._codes[part] = batched(self.autoencoder.encoder, self.images(part), self.device)
         return self._codes[part]

@@ -48,27 +48,28 @@ def conditional_quality(classifier, real: Reference, images, digits: np.ndarray)
             "class_histogram": class_histogram(predicted), "samples": len(images)}
 
 
-def fit_gmm(train: torch.Tensor, val: torch.Tensor, components: int, seed: int) -> tuple[GaussianMixture, dict]:
+def fit_gmm(train: torch.Tensor, val: torch.Tensor, components: int, seed: int,
+            tol: float = 1e-3) -> tuple[GaussianMixture, dict]:
     """A full-covariance mixture on `train` codes, scored by its mean log-likelihood per code on `val`.
 
     On CUDA it fits on the GPU through scikit-learn's array-API dispatch (scikit-learn >= 1.8 with
     array-api-compat; it needs random initialisation there). Elsewhere, or where that is missing, it fits
     numpy arrays with k-means initialisation on one BLAS thread (OpenBLAS threads spin on a shared machine).
     """
-    info = {"components": components, "covariance_type": "full", "fitted_codes": len(train)}
+    info = {"components": components, "covariance_type": "full", "fitted_codes": len(train), "tol": tol}
     if train.device.type == "cuda":
         try:
             from sklearn import config_context
 
             with config_context(array_api_dispatch=True):
-                gmm = GaussianMixture(components, covariance_type="full", max_iter=200, random_state=seed,
+                gmm = GaussianMixture(components, covariance_type="full", max_iter=200, tol=tol, random_state=seed,
                                       init_params="random_from_data").fit(train.double())
                 score = float(gmm.score(val.double()))
             return gmm, {**info, "val_log_likelihood": score, "fitted_on": "cuda (array API)"}
         except (ImportError, ValueError, TypeError, RuntimeError) as e:  # no array-api-compat, an old sklearn
             info["cuda_fallback"] = f"fitted on the CPU: {type(e).__name__}: {str(e)[:120]}"
     with threadpool_limits(limits=1, user_api="blas"):
-        gmm = GaussianMixture(components, covariance_type="full", max_iter=200, random_state=seed)
+        gmm = GaussianMixture(components, covariance_type="full", max_iter=200, tol=tol, random_state=seed)
         gmm.fit(train.double().cpu().numpy())
         score = float(gmm.score(val.double().cpu().numpy()))
     return gmm, {**info, "val_log_likelihood": score, "fitted_on": "cpu"}
@@ -96,7 +97,7 @@ def gmm_baselines(ctx: Context, classifier, real: Reference, count: int) -> tupl
     # codes better than 40 on all 55k, in a quarter of the time)
     subset = np.random.default_rng(sub_seed(seed, "gmm-subset")).permutation(len(train))[:cfg.gmm_fit_limit]
     gmm, choice = fit_gmm(train[torch.from_numpy(np.sort(subset)).to(train.device)], val, cfg.gmm_components,
-                          sub_seed(seed, "gmm"))
+                          sub_seed(seed, "gmm"), cfg.gmm_tol)
     plain_images = sample_gmm(gmm, count, decoder, sub_seed(seed, "gmm-sample"))
     plain = {**choice, **unconditional_quality(classifier, real, plain_images)}
 
@@ -107,7 +108,7 @@ def gmm_baselines(ctx: Context, classifier, real: Reference, count: int) -> tupl
     for d in tqdm(range(10), desc="per-digit mixtures", leave=False):
         gmm_d, choice_d = fit_gmm(train[torch.from_numpy(train_labels == d).to(train.device)],
                                   val[torch.from_numpy(val_labels == d).to(val.device)],
-                                  cfg.gmm_components_per_digit, sub_seed(seed, f"gmm-digit-{d}"))
+                                  cfg.gmm_components_per_digit, sub_seed(seed, f"gmm-digit-{d}"), cfg.gmm_tol)
         per_digit_images[digits == d] = sample_gmm(gmm_d, int(np.sum(digits == d)), decoder,
                                                    sub_seed(seed, f"gmm-digit-{d}-sample"))
         choices.append(choice_d)

@@ -253,8 +253,14 @@ def poisson_labels(weights, draws: list[np.ndarray], labelled: list[np.ndarray],
         source[indices] = onehot - onehot.mean(axis=0)          # graphlearning's Poisson source term
         sources.append(source)
         columns.append((classes, local))
-    groups = torch.from_numpy(np.concatenate([np.full(len(c), i) for i, (c, _) in enumerate(columns)])).to(device)
-    u = poisson_solve(weights, torch.from_numpy(np.hstack(sources)).to(device), groups).cpu().numpy()
+    if torch.device(device).type == "cpu":
+        # graphlearning's own solver, draw by draw: on the CPU a stacked solve costs as much per column
+        import graphlearning as gl
+
+        u = np.hstack([gl.ssl.poisson(weights).fit(indices, local) for indices, (_, local) in zip(draws, columns)])
+    else:  # on a GPU every draw's columns go through one sparse product per iteration
+        groups = torch.from_numpy(np.concatenate([np.full(len(c), i) for i, (c, _) in enumerate(columns)]))
+        u = poisson_solve(weights, torch.from_numpy(np.hstack(sources)).to(device), groups.to(device)).cpu().numpy()
     results, start = [], 0
     for classes, local in columns:
         block = u[:, start:start + len(classes)]

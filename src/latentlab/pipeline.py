@@ -43,7 +43,7 @@ class Stage:
 
 
 STAGES = [
-    Stage("autoencoder", "latentlab.autoencoder:stage", ("autoencoder",), ("checkpoints/autoencoder.pt",), ()),
+    Stage("autoencoder", "latentlab.autoencoder:stage", ("autoencoder",), ("checkpoints/autoencoder.pt", "codes.pt"), ()),
     Stage("classifier", "latentlab.classifier:stage", ("classifier",), ("checkpoints/classifier.pt",), ()),
     Stage("fewshot", "latentlab.fewshot:stage", ("fewshot",),
           ("fewshot_labels.json", "figures/fewshot_curves.png", "figures/fewshot_methods.png"), ("autoencoder",)),
@@ -58,8 +58,12 @@ STAGES = [
     Stage("report", "latentlab.report:stage", (), ("report.md", "report.html"),
           ("autoencoder", "classifier", "fewshot", "gan", "cgan", "interpolation", "evaluation")),
 ]
-# Which ready stage goes to the child process first: the long single-threaded ones, so the two halves balance.
-SIDE_PREFERENCE = ("classifier", "gan", "fewshot", "cgan", "evaluation", "interpolation")
+# Two at a time: which ready stage this process takes first, and which may go to the child process beside it
+# (the long ones that run as fast on one thread). The autoencoder runs alone on every core: all but the
+# classifier wait for it.
+MAIN_ORDER = ("autoencoder", "fewshot", "classifier", "cgan", "gan", "interpolation", "evaluation", "report")
+BESIDE_ORDER = ("classifier", "gan", "cgan", "fewshot")
+ALONE = ("autoencoder",)
 
 
 def peak_rss_mb() -> float:
@@ -200,33 +204,12 @@ class Pipeline:
         # the report comes last, after the totals below, so that it shows them
         last = [n for n in todo if n == "report"]
         todo = [n for n in todo if n != "report"]
-        side = SideStage(self) if (workers or default_workers()) > 1 and len(todo) > 1 else None
-        done = set(order) - set(todo) - set(last)
+        two = (workers or default_workers()) > 1 and len(todo) > 1
+        schedule = Schedule(self, todo, done=set(order) - set(todo) - set(last), beside=two)
         try:
-            while todo or (side and side.busy):
-                if side:
-                    side.raise_failure()
-                    done |= side.collect()
-                ready = [n for n in todo if set(_stage(n).reads) <= done]
-                if not ready:  # what is left waits on the stage running beside
-                    if not (side and side.busy):
-                        raise RuntimeError(f"stages {todo} wait on stages that are not running")
-                    side.wait()
-                    continue
-                if side and not side.busy and len(ready) > 1:
-                    chosen = min(ready, key=lambda n: SIDE_PREFERENCE.index(n) if n in SIDE_PREFERENCE else 99)
-                    todo.remove(chosen)
-                    ready.remove(chosen)
-                    side.start(chosen, f"[{order.index(chosen) + 1}/{len(order)}] {chosen}")
-                name = ready[0]
-                todo.remove(name)
-                self._run_and_say(name, order, threads=1 if side and side.busy else 2)
-                done.add(name)
-            if side:
-                side.raise_failure()
+            schedule.run()
         finally:
-            if side:
-                side.stop()
+            schedule.stop()
         timings = self.run.metrics().get("timings_s", {})
         # total: the time of every stage as last run, added up, so a resumed run still reports the whole study;
         # this_invocation: what this command took, stages side by side counted once
@@ -234,13 +217,16 @@ class Pipeline:
                                 {"total": sum(timings.get(n, 0.0) for n in stage_names() if n != "report"),
                                  "this_invocation": time.perf_counter() - total_start})
         for name in last:
-            self._run_and_say(name, order)
+            self._run_and_say(name)
 
-    def _run_and_say(self, name: str, order: list[str], threads: int = 2) -> None:
-        label = f"[{order.index(name) + 1}/{len(order)}] {name}"
-        tqdm.write(f"{label}: running")
+    def _run_and_say(self, name: str, threads: int = 2) -> None:
+        tqdm.write(f"{label(name)}: running")
         self.run_stage(name, threads=threads)
-        tqdm.write(f"{label}: finished in {self.records()[name]['seconds']:.1f} s")
+        tqdm.write(f"{label(name)}: finished in {self.records()[name]['seconds']:.1f} s")
+
+
+def label(name: str) -> str:
+    return f"[{stage_names().index(name) + 1}/{len(STAGES)}] {name}"
 
 
 # ---- a stage in a child process ------------------------------------------------------------------------
@@ -271,66 +257,100 @@ def _child(run_root: str, config_values: dict, device: str, name: str, connectio
         connection.close()
 
 
-class SideStage:
-    """One stage at a time in a spawned child process; a watcher thread records its result when it ends."""
+class Schedule:
+    """Stages two at a time: one in this process, one in a spawned child beside it, each taking the next ready
+    stage by its order when it is free. Both run one thread then; a stage alone in this process runs two."""
 
-    def __init__(self, pipeline: Pipeline):
-        self.pipeline = pipeline
-        self.context = multiprocessing.get_context("spawn")
+    def __init__(self, pipeline: Pipeline, todo: list[str], done: set[str], beside: bool):
+        self.pipeline, self.todo, self.done, self.beside = pipeline, list(todo), set(done), beside
+        self.condition = threading.Condition()  # guards everything below; the watcher thread notifies it
+        self.main_threads = 0                   # threads of the stage running here (0: none)
         self.process = self.watcher = None
-        self.finished: set[str] = set()
         self.failure: BaseException | None = None
 
+    def _take(self, order: tuple[str, ...], only: bool = False) -> str | None:
+        """The first ready stage by `order` (then any other, unless `only`), taken off the list."""
+        ready = [n for n in self.todo if set(_stage(n).reads) <= self.done and (n in order or not only)]
+        if not ready:
+            return None
+        name = min(ready, key=lambda n: order.index(n) if n in order else len(order))
+        self.todo.remove(name)
+        return name
+
     @property
-    def busy(self) -> bool:
+    def side_busy(self) -> bool:
         return self.watcher is not None and self.watcher.is_alive()
 
-    def start(self, name: str, label: str) -> None:
-        receive, send = self.context.Pipe(duplex=False)
+    def run(self) -> None:
+        while True:
+            with self.condition:
+                if self.failure is not None:
+                    raise self.failure
+                name = self._take(MAIN_ORDER)
+                if name is None:
+                    if not self.todo and not self.side_busy:
+                        return
+                    if not self.side_busy:
+                        raise RuntimeError(f"stages {self.todo} wait on stages that are not running")
+                    self.condition.wait()  # for the stage beside to finish
+                    continue
+                if self.beside and name not in ALONE and not self.side_busy:
+                    self._start_beside()
+                self.main_threads = 1 if self.side_busy else 2
+            self.pipeline._run_and_say(name, threads=self.main_threads)
+            with self.condition:
+                self.main_threads = 0
+                self.done.add(name)
+
+    def _start_beside(self) -> None:
+        """Start the next stage allowed beside, if one is ready (under the lock)."""
+        name = self._take(BESIDE_ORDER, only=True)
+        if name is None:
+            return
+        receive, send = multiprocessing.get_context("spawn").Pipe(duplex=False)
         p = self.pipeline
-        self.process = self.context.Process(
+        self.process = multiprocessing.get_context("spawn").Process(
             target=_child, args=(str(p.run.root), to_dict(p.config), str(p.ctx.device), name, send), daemon=True)
         self.process.start()
         send.close()
-        tqdm.write(f"{label}: running beside")
-        self.watcher = threading.Thread(target=self._watch, args=(name, label, receive), daemon=True)
+        tqdm.write(f"{label(name)}: running beside")
+        self.watcher = threading.Thread(target=self._watch, args=(name, receive, self.process), daemon=True)
         self.watcher.start()
 
-    def _watch(self, name: str, label: str, receive) -> None:
+    def _watch(self, name: str, receive, process) -> None:
+        """Wait for the child, record what it sends, and start the next stage beside while this process is busy."""
         try:
             try:
                 result = receive.recv()
             except EOFError:  # the child died without a word (killed, out of memory)
-                result = ("crash", f"the process running this stage died (exit code {self.process.exitcode})", None)
-            self.process.join()
+                result = ("crash", f"the process running this stage died (exit code {process.exitcode})", None)
+            process.join()
             if result[0] == "ok":
                 _, sections, seconds, peak_mb, cpu_seconds = result
                 self.pipeline.record(name, sections, seconds, peak_mb, cpu_seconds, beside=True)
-                self.finished.add(name)
-                tqdm.write(f"{label}: finished in {seconds:.1f} s (beside)")
+                tqdm.write(f"{label(name)}: finished in {seconds:.1f} s (beside)")
             elif result[0] == "error":
                 error = LatentlabError(result[1])
                 error.sections = result[2]
                 self.pipeline.record_failure(error)
-                self.failure = error
+                raise error
             else:
-                self.failure = RuntimeError(f"stage {name} failed in its child process:\n{result[1]}")
+                raise RuntimeError(f"stage {name} failed in its child process:\n{result[1]}")
+            with self.condition:
+                self.done.add(name)
+                self.watcher = None  # this thread is about to end: not busy any more
+                if self.main_threads == 1 and self.failure is None:
+                    self._start_beside()
+                self.condition.notify_all()
         except BaseException as e:  # whatever happens here, the main loop must hear of it
-            self.failure = e
-
-    def collect(self) -> set[str]:
-        return set(self.finished)
-
-    def wait(self) -> None:
-        if self.watcher is not None:
-            self.watcher.join()
-
-    def raise_failure(self) -> None:
-        if self.failure is not None:
-            raise self.failure
+            with self.condition:
+                self.failure = e
+                self.watcher = None
+                self.condition.notify_all()
 
     def stop(self) -> None:
         """On the way out (an error or Ctrl-C here): end a stage still running beside; its work is lost."""
-        if self.process is not None and self.process.is_alive():
-            self.process.terminate()
-            self.process.join(5)
+        process = self.process
+        if process is not None and process.is_alive():
+            process.terminate()
+            process.join(5)
