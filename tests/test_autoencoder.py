@@ -55,3 +55,27 @@ def test_checkpoint_reloads_to_identical_outputs(tiny_run):
         assert torch.equal(a(x), b(x))
     metrics = tiny_run.metrics()["autoencoder"]
     assert metrics["latent_dim"] == 16 and 0 < metrics["test_mse"] < 0.2
+
+
+def test_saved_codes_serve_only_their_own_autoencoder(tiny_run, tmp_path):
+    import shutil
+
+    from latentlab.autoencoder import encode
+    from latentlab.context import Context, read_codes
+    from latentlab.runfolder import Run
+    from tests.conftest import tiny_config
+
+    run = Run(shutil.copytree(tiny_run.root, tmp_path / "run", ignore=shutil.ignore_patterns(".lock")))
+    ctx = Context(run, tiny_config())
+    saved = read_codes(run, ctx.autoencoder)
+    assert set(saved) == {"train", "val", "test"}
+    assert torch.allclose(saved["val"], encode(ctx.autoencoder.encoder, ctx.images("val")), atol=1e-5)
+    # another autoencoder in the checkpoint: the saved codes are not its codes, so they are not used
+    other = load_autoencoder(run)
+    torch.nn.init.zeros_(other.encoder.net[-1].bias)
+    ckpt = torch.load(run.checkpoints / "autoencoder.pt", weights_only=True)
+    ckpt["state_dict"] = other.state_dict()
+    run.save_checkpoint("autoencoder", ckpt)
+    ctx = Context(run, tiny_config())
+    assert read_codes(run, ctx.autoencoder) == {}
+    assert torch.allclose(ctx.codes("val"), encode(ctx.autoencoder.encoder, ctx.images("val")), atol=1e-6)

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from latentlab.cli import main
 
@@ -78,11 +79,27 @@ def test_train_ae_writes_exactly_the_promised_files(tmp_path):
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
-    assert files == {"config.json", "metrics.json", "stages.json", "split.npz", ".lock",
+    assert files == {"config.json", "metrics.json", "stages.json", "split.npz", ".lock", "codes.pt",
                      "checkpoints/autoencoder.pt", "figures/ae_reconstructions.png", "figures/ae_losses.png"}
+    codes = torch.load(out / "codes.pt", weights_only=True)  # every split's codes, for the later stages
+    assert codes["train"].shape == (55_000, 8) and codes["val"].shape == (5_000, 8) and codes["test"].shape == (10_000, 8)
     config = json.loads((out / "config.json").read_text())
     assert config["seed"] == 7 and config["autoencoder"]["latent_dim"] == 8
     assert {"torch", "latentlab", "git_commit"} <= set(config["environment"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["autoencoder"]["latent_dim"] == 8 and metrics["autoencoder"]["test_mse"] > 0
     assert metrics["timings_s"]["autoencoder"] > 0
+
+
+def test_a_stage_command_on_a_done_stage_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train-ae", "--run", str(out), "--device", "cpu", "--set", "autoencoder.width=4",
+            "--set", "autoencoder.latent_dim=8", "--set", "autoencoder.epochs=1", "--set", "autoencoder.train_limit=1000"]
+    assert main(args) == 0
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "done with these settings" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == written
+    assert main(args + ["--force"]) == 0  # redone on request
+    assert (out / "metrics.json").stat().st_mtime_ns != written[out / "metrics.json"]

@@ -155,3 +155,34 @@ def test_cli_draw_options_and_bad_settings():
         config = fewshot_config(**{key: value})
         with pytest.raises(LatentlabError, match=f"fewshot.{key}"):
             validate(config)
+
+
+def test_stacked_torch_solve_matches_graphlearning_draw_by_draw():
+    """The GPU path (every draw's columns in one conjugate-gradient solve) gives graphlearning's Poisson labels."""
+    import graphlearning as gl
+    import torch
+
+    from scipy.sparse.csgraph import connected_components
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=1.5, size=(10, 5))
+    labels = np.repeat(np.arange(10), 60)
+    points = torch.from_numpy(centres[labels] + rng.normal(size=(600, 5))).float()
+    weights, _ = fewshot.code_graph(points, 10)
+    assert connected_components(weights)[0] == 1  # as the codes' graph is: Poisson learning needs one component
+    draws = [fewshot.draw_labels(labels, per_class=2, draw="balanced", seed=s) for s in (1, 2)]
+    labelled = [labels[d] for d in draws]
+    cpu_path = fewshot.poisson_labels(weights, draws, labelled, 0.75, torch.device("cpu"))  # graphlearning's solver
+    sources = []
+    for indices, y in zip(draws, labelled):
+        onehot = np.eye(10)[y]
+        source = np.zeros((600, 10))
+        source[indices] = onehot - onehot.mean(axis=0)
+        sources.append(source)
+    groups = torch.arange(2).repeat_interleave(10)
+    u = fewshot.poisson_solve(weights, torch.from_numpy(np.hstack(sources)), groups).numpy()
+    for i, (indices, y) in enumerate(zip(draws, labelled)):
+        reference = gl.ssl.poisson(weights).fit(indices, y)
+        assert np.abs(u[:, 10 * i:10 * (i + 1)] - reference).max() < 1e-2 * np.abs(reference).max()
+        assert (u[:, 10 * i:10 * (i + 1)].argmax(1) == reference.argmax(1)).mean() > 0.99
+        assert (cpu_path[i]["poisson"] == reference.argmax(1)).all()

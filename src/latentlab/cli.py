@@ -68,6 +68,8 @@ def build_parser() -> Parser:
         if command == "fewshot":
             p.add_argument("--draw", choices=["balanced", "random"], help="5 labels per digit, or 50 at random")
             p.add_argument("--draws", type=int, metavar="N", help="independent label draws (default 10)")
+        p.add_argument("--force", action="store_true",
+                       help="redo the stage even if it is done with these settings (otherwise nothing is written)")
         _add_common(p)
 
     p = sub.add_parser("sweep", help="run many seeds and settings (each trial a run folder) and report their spread")
@@ -210,6 +212,9 @@ def cmd_stage(args) -> None:
     run = Run(root, create=True)
     with locked(run):
         pipeline = Pipeline(run, config)
+        if pipeline.is_done(stage) and not args.force:  # e.g. `evaluate` of a finished run: it only reads
+            print(f"latentlab: {stage} is done with these settings in {run.root}; nothing written (--force redoes it)")
+            return
         if before is None or to_dict(config) != before:  # unchanged settings: config.json stays as the run wrote it
             pipeline.write_config()
         pipeline.run_stage(stage)

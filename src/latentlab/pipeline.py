@@ -286,7 +286,7 @@ class Schedule:
             with self.condition:
                 if self.failure is not None:
                     raise self.failure
-                name = self._take(MAIN_ORDER)
+                name = self._take(MAIN_ORDER if self.beside else tuple(stage_names()))
                 if name is None:
                     if not self.todo and not self.side_busy:
                         return
