@@ -95,13 +95,13 @@ class Config:
 
 # What --quick changes: a pipeline for a first look (smaller slices, fewer epochs and steps).
 QUICK = {
-    "autoencoder": {"epochs": 1, "train_limit": 15_000},
-    "classifier": {"epochs": 1, "train_limit": 10_000},
-    "fewshot": {"draws": 3, "epochs": 50, "train_limit": 10_000, "end_to_end_draws": 1},
-    "gan": {"steps": 1500},
-    "cgan": {"steps": 1500},
+    "autoencoder": {"epochs": 1, "train_limit": 12_000},
+    "classifier": {"epochs": 1, "train_limit": 8_000},
+    "fewshot": {"draws": 2, "epochs": 40, "train_limit": 5_000, "end_to_end_draws": 1, "curve_every": 10},
+    "gan": {"steps": 1000},
+    "cgan": {"steps": 1000},
     "interpolation": {"pairs": 50},
-    "evaluation": {"samples": 2000, "gmm_components": 10, "gmm_components_per_digit": 4, "gmm_fit_limit": 5000},
+    "evaluation": {"samples": 1000, "gmm_components": 10, "gmm_components_per_digit": 4, "gmm_fit_limit": 3000},
 }
 
 
