@@ -26,6 +26,9 @@ from playwright.sync_api import sync_playwright
 from latentlab import demo
 from latentlab.classifier import load_classifier, predict_proba
 
+# the demo's run fixture trains every model (about a minute on 2 cores): `-m 'not slow'` leaves these out
+pytestmark = pytest.mark.slow
+
 CHROMIUM = "/usr/bin/chromium"
 # Headless, and nothing that calls home: on this closed network Chromium otherwise tries Google hosts.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

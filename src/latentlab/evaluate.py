@@ -65,6 +65,9 @@ def fit_gmm(train: torch.Tensor, val: torch.Tensor, components: int, seed: int,
                 gmm = GaussianMixture(components, covariance_type="full", max_iter=200, tol=tol, random_state=seed,
                                       init_params="random_from_data").fit(train.double())
                 score = float(gmm.score(val.double()))
+            for name in ("weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_"):
+                if torch.is_tensor(getattr(gmm, name, None)):  # numpy again, so sampling needs no dispatch
+                    setattr(gmm, name, getattr(gmm, name).cpu().numpy())
             return gmm, {**info, "val_log_likelihood": score, "fitted_on": "cuda (array API)"}
         except (ImportError, ValueError, TypeError, RuntimeError) as e:  # no array-api-compat, an old sklearn
             info["cuda_fallback"] = f"fitted on the CPU: {type(e).__name__}: {str(e)[:120]}"
