@@ -53,6 +53,27 @@ class GANConfig:
 
 
 @dataclass
+class FlowConfig:
+    """The latent flow-matching generator (flow.py); defaults chosen by measurement (docs/flow_sweep.md)."""
+    steps: int = 6000             # training steps
+    batch_size: int = 256
+    lr: float = 2e-3              # Adam, cosine decay to zero
+    hidden: int = 256             # width of the MLP's hidden layers (the GANs' width)
+    layers: int = 3               # hidden layers
+    embed_dim: int = 64           # size of the time and the digit embeddings
+    predict: str = "velocity"     # what the net outputs: "velocity", or "code" (the clean code; velocity derived)
+    coupling: str = "independent" # noise-code pairs: "independent", or "ot" (minibatch optimal transport)
+    label_dropout: float = 0.15   # share of training codes shown as "no digit", so one net samples any digit too
+    ema: float = 0.999            # keep an exponential moving average of the weights (0 = the last step's)
+    guidance: float = 1.5         # classifier-free guidance scale for digit samples (1 = none, 0 = ignore digit)
+    solver: str = "heun"          # fixed-step ODE solver: "euler", "midpoint" or "heun"
+    ode_steps: int = 8            # solver steps from noise to code
+    sweep_samples: int = 2000     # samples per point of the evaluation's ODE-steps / guidance sweep (at most
+                                  # evaluation.samples)
+    log_every: int = 100          # loss history resolution (steps per recorded mean)
+
+
+@dataclass
 class InterpolationConfig:
     pairs: int = 200
     steps: int = 10
@@ -81,6 +102,7 @@ class Config:
     gan: GANConfig = field(default_factory=GANConfig)
     cgan: GANConfig = field(default_factory=lambda: GANConfig(steps=8_000, batch_size=128, loss="hinge", r1=0.0,
                                                                           ema=0.99))
+    flow: FlowConfig = field(default_factory=FlowConfig)
     interpolation: InterpolationConfig = field(default_factory=InterpolationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
@@ -92,6 +114,7 @@ QUICK = {
     "fewshot": {"draws": 3, "epochs": 50, "train_limit": 10_000, "end_to_end_draws": 1},
     "gan": {"steps": 1500},
     "cgan": {"steps": 1500},
+    "flow": {"steps": 1500, "sweep_samples": 500},
     "interpolation": {"pairs": 50},
     "evaluation": {"samples": 2000, "gmm_components": 10, "gmm_components_per_digit": 4, "gmm_fit_limit": 5000},
 }
@@ -156,6 +179,23 @@ def validate(config: Config) -> None:
     if config.interpolation.pairs < 2 or config.interpolation.steps < 3:
         raise LatentlabError(f"interpolation.pairs={config.interpolation.pairs}, steps={config.interpolation.steps}: "
                              "need at least 2 pairs and 3 steps (two endpoints and one image between)")
+    positive("flow", "steps", "batch_size", "hidden", "layers", "embed_dim", "ode_steps", "sweep_samples", "log_every")
+    flow = config.flow
+    if flow.embed_dim % 2:
+        raise LatentlabError(f"flow.embed_dim={flow.embed_dim}: must be even (sine and cosine halves)")
+    if not flow.lr > 0:
+        raise LatentlabError(f"flow.lr={flow.lr}: must be > 0")
+    if not 0 <= flow.label_dropout < 1:
+        raise LatentlabError(f"flow.label_dropout={flow.label_dropout}: must be in [0, 1)")
+    if not 0 <= flow.ema < 1:
+        raise LatentlabError(f"flow.ema={flow.ema}: must be in [0, 1)")
+    if not 0 <= flow.guidance <= 20:
+        raise LatentlabError(f"flow.guidance={flow.guidance}: must be between 0 and 20")
+    if flow.solver not in ("euler", "midpoint", "heun"):
+        raise LatentlabError(f"flow.solver={flow.solver}: choose euler, midpoint or heun")
+    if flow.sweep_samples <= config.evaluation.k:
+        raise LatentlabError(f"flow.sweep_samples={flow.sweep_samples}: must be more than evaluation.k "
+                             f"({config.evaluation.k})")
     for section in ("gan", "cgan"):
         positive(section, "steps", "noise_dim", "hidden", "batch_size", "r1_every", "checkpoint_every", "log_every")
         gan = getattr(config, section)

@@ -219,8 +219,14 @@ def write_grid_png(images: np.ndarray, path: Path) -> None:
     Image.fromarray(grid, mode="L").save(path, format="PNG")
 
 
-def write_samples(run_dir, count: int, out, *, digit: int | None = None, seed: int = 0) -> Path:
-    """Generate `count` digits with the plain GAN (digit None) or the conditional GAN, to a .png grid or a .npz."""
+MODELS = ("gan", "flow")
+
+
+def write_samples(run_dir, count: int, out, *, digit: int | None = None, seed: int = 0, model: str = "gan") -> Path:
+    """Generate `count` digits to a .png grid or a .npz: with model "gan" the plain GAN (digit None) or the
+    conditional GAN; with model "flow" the latent flow, guided to `digit` or with no digit."""
+    if model not in MODELS:
+        raise LatentlabError(f"--model {model}: choose {' or '.join(MODELS)}")
     if not 1 <= count <= MAX_SAMPLES:
         raise LatentlabError(f"--count {count}: must be between 1 and {MAX_SAMPLES}")
     if digit is not None and not 0 <= digit <= 9:
@@ -239,8 +245,13 @@ def write_samples(run_dir, count: int, out, *, digit: int | None = None, seed: i
     if not os.access(out.parent, os.W_OK):
         raise LatentlabError(f"--out {out}: folder {out.parent} is not writable")
     run = Run(run_dir)
-    gan = load_gan(run, conditional=digit is not None)
-    images = sample_images(gan, load_decoder(run), count, digit=digit, seed=seed)
+    if model == "flow":
+        from latentlab import flow  # torch only, like this module
+
+        images = flow.sample_images(flow.load_flow(run), load_decoder(run), count, digit=digit, seed=seed)
+    else:
+        gan = load_gan(run, conditional=digit is not None)
+        images = sample_images(gan, load_decoder(run), count, digit=digit, seed=seed)
     try:
         if out.suffix.lower() == ".png":
             write_grid_png(images, out)

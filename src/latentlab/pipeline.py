@@ -38,6 +38,7 @@ STAGES = [
           ("fewshot_labels.json", "figures/fewshot_curves.png", "figures/fewshot_methods.png")),
     Stage("gan", "latentlab.gan:stage_gan", ("gan",), ("checkpoints/gan.pt", "figures/gan_samples.png")),
     Stage("cgan", "latentlab.gan:stage_cgan", ("cgan",), ("checkpoints/cgan.pt", "figures/cgan_samples.png")),
+    Stage("flow", "latentlab.flow:stage", ("flow",), ("checkpoints/flow.pt", "figures/flow_samples.png")),
     Stage("interpolation", "latentlab.interpolation:stage", ("interpolation",), ("figures/interpolation.png",)),
     Stage("evaluation", "latentlab.evaluate:stage", ("evaluation",), ("figures/evaluation_frechet.png",)),
     Stage("report", "latentlab.report:stage", (), ("report.md", "report.html")),
