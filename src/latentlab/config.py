@@ -61,7 +61,7 @@ class FlowConfig:
     hidden: int = 256             # width of the MLP's hidden layers (the GANs' width)
     layers: int = 3               # hidden layers
     embed_dim: int = 64           # size of the time and the digit embeddings
-    predict: str = "velocity"     # what the net outputs: "velocity", or "code" (the clean code; velocity derived)
+    time_power: float = 1.0       # training times t = u ** (1 / time_power), u uniform: > 1 puts more near the codes
     coupling: str = "independent" # noise-code pairs: "independent", or "ot" (minibatch optimal transport)
     label_dropout: float = 0.15   # share of training codes shown as "no digit", so one net samples any digit too
     ema: float = 0.999            # keep an exponential moving average of the weights (0 = the last step's)

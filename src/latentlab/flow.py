@@ -30,19 +30,22 @@ SOLVERS = ("euler", "midpoint", "heun")
 
 
 class VelocityField(nn.Module):
-    """(x_t (B, D), t (B,), digit (B,) in 0..10) -> velocity (B, D): an MLP on [x_t, time emb, digit emb]."""
+    """(x_t (B, D), t (B,), digit (B,) in 0..10) -> velocity (B, D): a residual MLP, conditioned in every block.
 
-    def __init__(self, *, latent_dim: int, hidden: int = 256, layers: int = 3, embed_dim: int = 64,
-                 predict: str = "velocity"):
+    The time and digit embeddings are summed into one condition c (as DiT does) and added to the input of each
+    residual block; pre-norm blocks train faster here than a plain MLP on [x, t, digit] (docs/flow_sweep.md).
+    """
+
+    def __init__(self, *, latent_dim: int, hidden: int = 256, layers: int = 3, embed_dim: int = 64):
         super().__init__()
-        self.latent_dim, self.embed_dim, self.predict = latent_dim, embed_dim, predict
-        self.time = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.SiLU())
-        self.digit = nn.Embedding(NUM_CLASSES + 1, embed_dim)   # index 10 = no digit
-        widths = [latent_dim + 2 * embed_dim] + [hidden] * layers
-        blocks = []
-        for w_in, w_out in zip(widths[:-1], widths[1:]):
-            blocks += [nn.Linear(w_in, w_out), nn.SiLU()]
-        self.net = nn.Sequential(*blocks, nn.Linear(hidden, latent_dim))
+        self.latent_dim, self.embed_dim = latent_dim, embed_dim
+        self.input = nn.Linear(latent_dim, hidden)
+        self.time = nn.Sequential(nn.Linear(embed_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.digit = nn.Embedding(NUM_CLASSES + 1, hidden)    # index 10 = no digit
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+            for _ in range(layers))
+        self.output = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, latent_dim))
 
     def time_features(self, t: torch.Tensor) -> torch.Tensor:
         """Sinusoidal features of t in [0, 1] (as in transformers and DiT), (B,) -> (B, embed_dim).
@@ -55,11 +58,11 @@ class VelocityField(nn.Module):
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, digit: torch.Tensor) -> torch.Tensor:
-        h = torch.cat([x, self.time(self.time_features(t)), self.digit(digit)], dim=1)  # (B, D + 2E)
-        out = self.net(h)
-        if self.predict == "code":  # the net guesses the clean code; the path's velocity toward it follows
-            return (out - x) / (1 - t[:, None]).clamp_min(0.05)
-        return out
+        c = self.time(self.time_features(t)) + self.digit(digit)     # (B, H) the condition
+        h = self.input(x)                                            # (B, H)
+        for block in self.blocks:
+            h = h + block(h + c)
+        return self.output(h)                                        # (B, D)
 
 
 @dataclass
@@ -104,7 +107,7 @@ def train_flow(cfg: FlowConfig, codes: torch.Tensor, labels: torch.Tensor, *, se
 
     torch.manual_seed(seed)
     model = VelocityField(latent_dim=codes.shape[1], hidden=cfg.hidden, layers=cfg.layers,
-                          embed_dim=cfg.embed_dim, predict=cfg.predict).to(device)
+                          embed_dim=cfg.embed_dim).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     # cosine decay to zero: the last steps refine at a small step size
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
@@ -124,7 +127,7 @@ def train_flow(cfg: FlowConfig, codes: torch.Tensor, labels: torch.Tensor, *, se
         x0 = torch.randn(x1.shape, generator=rng, device=device)                        # noise
         if cfg.coupling == "ot":
             x0 = x0[ot_pairing(x0, x1)]
-        t = torch.rand(cfg.batch_size, generator=rng, device=device)
+        t = torch.rand(cfg.batch_size, generator=rng, device=device) ** (1 / cfg.time_power)
         xt = (1 - t[:, None]) * x0 + t[:, None] * x1                                    # the straight path
         loss = F.mse_loss(model(xt, t, digit), x1 - x0)                                 # its velocity
         optimizer.zero_grad(set_to_none=True)
@@ -228,7 +231,7 @@ def checkpoint(model: VelocityField, cfg: FlowConfig, code_mean, code_std) -> di
     return {
         "kind": "flow", "steps": cfg.steps,
         "model_args": {"latent_dim": model.latent_dim, "hidden": cfg.hidden, "layers": cfg.layers,
-                       "embed_dim": cfg.embed_dim, "predict": cfg.predict},
+                       "embed_dim": cfg.embed_dim},
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "code_mean": code_mean.cpu(), "code_std": code_std.cpu(),
         "sampling": {"guidance": cfg.guidance, "solver": cfg.solver, "ode_steps": cfg.ode_steps},
