@@ -74,7 +74,7 @@ def demo_config():
     config.classifier.train_limit = 10_000
     config.gan.steps = 300
     config.cgan.steps = 2000
-    config.flow.steps, config.flow.hidden = 2000, 256
+    config.flow.steps = 1500
     for gan in (config.gan, config.cgan):
         gan.batch_size, gan.lr, gan.noise_dim = 128, 1e-3, 32
     return config

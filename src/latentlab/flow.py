@@ -84,16 +84,6 @@ class LatentFlow:
 # training
 
 
-def ot_pairing(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
-    """Minibatch optimal transport (Tong et al. 2023): the order of the noise x0 that pairs each code in x1 with
-    noise nearby, so paths cross less, the regression target is less ambiguous and the ODE straighter."""
-    from scipy.optimize import linear_sum_assignment
-
-    cost = torch.cdist(x1, x0).pow(2).cpu().numpy()                                     # (B, B)
-    _, columns = linear_sum_assignment(cost)
-    return torch.as_tensor(columns, device=x0.device)
-
-
 def train_flow(cfg: FlowConfig, codes: torch.Tensor, labels: torch.Tensor, *, seed: int,
                device: torch.device = torch.device("cpu"), name: str = "flow") -> tuple[VelocityField, dict]:
     """Train on standardised `codes` (N, D) with their digits (N,); returns the field to keep and a loss history.
@@ -125,9 +115,7 @@ def train_flow(cfg: FlowConfig, codes: torch.Tensor, labels: torch.Tensor, *, se
         drop = torch.rand(cfg.batch_size, generator=rng, device=device) < cfg.label_dropout
         digit = torch.where(drop, torch.full_like(digit, NO_DIGIT), digit)
         x0 = torch.randn(x1.shape, generator=rng, device=device)                        # noise
-        if cfg.coupling == "ot":
-            x0 = x0[ot_pairing(x0, x1)]
-        t = torch.rand(cfg.batch_size, generator=rng, device=device) ** (1 / cfg.time_power)
+        t = torch.rand(cfg.batch_size, generator=rng, device=device)
         xt = (1 - t[:, None]) * x0 + t[:, None] * x1                                    # the straight path
         loss = F.mse_loss(model(xt, t, digit), x1 - x0)                                 # its velocity
         optimizer.zero_grad(set_to_none=True)
