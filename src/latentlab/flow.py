@@ -1,4 +1,4 @@
-"""The flow stage (after the GANs): a latent flow-matching generator beside them (conditional flow matching, Lipman et al. 2023).
+"""The flow stage (after the GANs): a latent flow-matching generator beside them (Lipman et al. 2023).
 
 A small MLP learns a velocity field v(x_t, t, digit) on the standardised AE codes. Training draws a code x1,
 Gaussian noise x0 and a time t, takes the point on the straight path x_t = (1 - t) x0 + t x1 and regresses
@@ -394,5 +394,5 @@ def verdict(q: dict, baselines: dict, exact: float, costs: dict, train: dict, sa
             f"{q['cgan']['accuracy']:.4f}. Cost: training took {secs(train['flow'])} for the flow against "
             f"{secs(train['cgan'])} and {secs(train['gan'])} for the conditional and plain GAN; sampling ten "
             f"thousand codes takes {costs['flow_10k_codes_seconds']:.2f} s with the flow ({sampling}) against "
-            f"{costs['cgan_10k_codes_seconds']:.3f} s for the conditional GAN (one pass). Training seconds are wall time "
-            f"on this run's machine, each stage at its own moment: compare them only on a quiet machine.")
+            f"{costs['cgan_10k_codes_seconds']:.3f} s for the conditional GAN (one pass). Training seconds are wall "
+            f"time on this run's machine, each stage at its own moment: compare them only on a quiet machine.")
