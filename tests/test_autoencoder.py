@@ -79,3 +79,23 @@ def test_saved_codes_serve_only_their_own_autoencoder(tiny_run, tmp_path):
     ctx = Context(run, tiny_config())
     assert read_codes(run, ctx.autoencoder) == {}
     assert torch.allclose(ctx.codes("val"), encode(ctx.autoencoder.encoder, ctx.images("val")), atol=1e-6)
+
+
+def test_a_run_folder_reused_with_another_seed_gets_that_seeds_split(tiny_run, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from latentlab.context import Context
+    from latentlab.runfolder import Run
+    from tests.conftest import tiny_config
+
+    run = Run(shutil.copytree(tiny_run.root, tmp_path / "run", ignore=shutil.ignore_patterns(".lock")))
+    seed0 = Context(run, tiny_config()).split
+    assert np.array_equal(seed0["train"], data.split_indices(0)["train"])
+    config = tiny_config()
+    config.seed = 5
+    seed5 = Context(run, config).split
+    assert np.array_equal(seed5["val"], data.split_indices(5)["val"]) and not np.array_equal(seed5["val"], seed0["val"])
+    with np.load(run.root / "split.npz") as f:  # rewritten, with the seed it was drawn with
+        assert int(f["seed"]) == 5 and np.array_equal(f["val"], seed5["val"])

@@ -47,6 +47,15 @@ def sub_seed(seed: int, purpose: str) -> int:
     return int(np.random.SeedSequence([seed, zlib.crc32(purpose.encode())]).generate_state(1)[0])
 
 
+def split_seed(path) -> int | None:
+    """The seed a split.npz was drawn with, if it says (read_split checks the rest)."""
+    try:
+        with np.load(path) as f:
+            return int(f["seed"]) if "seed" in f.files and f["seed"].shape == () else None
+    except Exception:  # damaged: read_split names the fault
+        return None
+
+
 def autoencoder_fingerprint(run: Run) -> str:
     """SHA-256 of the autoencoder's checkpoint file: which autoencoder a codes file belongs to."""
     return hashlib.sha256((run.checkpoints / "autoencoder.pt").read_bytes()).hexdigest()
@@ -98,13 +107,13 @@ class Context:
         """The 55k/5k train/validation split, made once per run from its seed and saved in split.npz."""
         if self._split is None:
             path = self.run.root / "split.npz"
-            if path.exists():
+            if path.exists() and split_seed(path) in (None, self.config.seed):  # None: written before seeds were kept
                 from latentlab.checks import read_split
 
                 self._split = read_split(path, len(self.dataset.train_images))
-            else:
+            else:  # none yet, or another seed's (a run folder reused with --seed): this seed's split
                 self._split = data.split_indices(self.config.seed, len(self.dataset.train_images))
-                atomic_write(path, lambda f: np.savez(f, **self._split))
+                atomic_write(path, lambda f: np.savez(f, seed=self.config.seed, **self._split))
         return self._split
 
     def images(self, part: str) -> torch.Tensor:
