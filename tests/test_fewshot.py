@@ -173,14 +173,8 @@ def test_stacked_torch_solve_matches_graphlearning_draw_by_draw():
     draws = [fewshot.draw_labels(labels, per_class=2, draw="balanced", seed=s) for s in (1, 2)]
     labelled = [labels[d] for d in draws]
     cpu_path = fewshot.poisson_labels(weights, draws, labelled, 0.75, torch.device("cpu"))  # graphlearning's solver
-    sources = []
-    for indices, y in zip(draws, labelled):
-        onehot = np.eye(10)[y]
-        source = np.zeros((600, 10))
-        source[indices] = onehot - onehot.mean(axis=0)
-        sources.append(source)
-    groups = torch.arange(2).repeat_interleave(10)
-    u = fewshot.poisson_solve(weights, torch.from_numpy(np.hstack(sources)), groups).numpy()
+    sources, groups = fewshot.poisson_sources(600, draws, [np.unique(y, return_inverse=True) for y in labelled])
+    u = fewshot.poisson_solve(weights, sources, groups).numpy()
     for i, (indices, y) in enumerate(zip(draws, labelled)):
         reference = gl.ssl.poisson(weights).fit(indices, y)
         assert np.abs(u[:, 10 * i:10 * (i + 1)] - reference).max() < 1e-2 * np.abs(reference).max()

@@ -1,8 +1,9 @@
 """What every stage is handed: the run folder, the settings, the device, and data loaded once.
 
 Images live on the run's device as float tensors (the shipped MNIST is 47 MB as float32, so a GPU keeps all
-of it resident), and each split's latent codes are encoded once per process by the frozen encoder and kept
-there too. The autoencoder stage calls `autoencoder_changed()` after it saves a new model.
+of it resident), and so do each split's latent codes: read from DIR/codes.pt, which the autoencoder stage
+writes with its checkpoint, or encoded once per process where that file does not belong to the run's
+autoencoder. The autoencoder stage calls `autoencoder_changed()` after it saves a new model.
 """
 import hashlib
 import os

@@ -245,29 +245,36 @@ def balance_weights(scores: np.ndarray, priors: np.ndarray, *, tol: float = 1e-3
     return w
 
 
-def poisson_labels(weights, draws: list[np.ndarray], labelled: list[np.ndarray], balance: float,
-                   device) -> list[dict[str, np.ndarray]]:
-    """Labels of every training code by Poisson learning, for every draw from one solve, with three decisions:
-    `poisson` (argmax), `poisson_volume` (class sizes forced to the label frequencies, graphlearning's
-    class_priors) and `poisson_balanced` (the geometric middle, weights ** balance: sizes pulled
-    towards the priors without forcing them; digits are not exactly equally frequent)."""
-    n = weights.shape[0]
-    columns, sources = [], []
-    for indices, labels in zip(draws, labelled):
-        classes, local = np.unique(labels, return_inverse=True)  # a random draw can miss a digit
+def poisson_sources(n: int, draws: list[np.ndarray], columns) -> tuple[torch.Tensor, torch.Tensor]:
+    """graphlearning's Poisson source term of every draw side by side, (n, columns), and each column's draw.
+
+    `columns`: per draw, (its classes, each label's index among them), as np.unique(..., return_inverse) gives.
+    """
+    sources = []
+    for indices, (classes, local) in zip(draws, columns):
         onehot = np.eye(len(classes))[local]
         source = np.zeros((n, len(classes)))
-        source[indices] = onehot - onehot.mean(axis=0)          # graphlearning's Poisson source term
+        source[indices] = onehot - onehot.mean(axis=0)
         sources.append(source)
-        columns.append((classes, local))
+    groups = np.concatenate([np.full(len(classes), i) for i, (classes, _) in enumerate(columns)])
+    return torch.from_numpy(np.hstack(sources)), torch.from_numpy(groups)
+
+
+def poisson_labels(weights, draws: list[np.ndarray], labelled: list[np.ndarray], balance: float,
+                   device) -> list[dict[str, np.ndarray]]:
+    """Labels of every training code by Poisson learning for every draw (on a GPU one stacked solve), with three
+    decisions: `poisson` (argmax), `poisson_volume` (class sizes forced to the label frequencies, graphlearning's
+    class_priors) and `poisson_balanced` (the geometric middle, weights ** balance: sizes pulled
+    towards the priors without forcing them; digits are not exactly equally frequent)."""
+    columns = [np.unique(labels, return_inverse=True) for labels in labelled]  # a random draw can miss a digit
     if torch.device(device).type == "cpu":
         # graphlearning's own solver, draw by draw: on the CPU a stacked solve costs as much per column
         import graphlearning as gl
 
         u = np.hstack([gl.ssl.poisson(weights).fit(indices, local) for indices, (_, local) in zip(draws, columns)])
     else:  # on a GPU every draw's columns go through one sparse product per iteration
-        groups = torch.from_numpy(np.concatenate([np.full(len(c), i) for i, (c, _) in enumerate(columns)]))
-        u = poisson_solve(weights, torch.from_numpy(np.hstack(sources)).to(device), groups.to(device)).cpu().numpy()
+        sources, groups = poisson_sources(weights.shape[0], draws, columns)
+        u = poisson_solve(weights, sources.to(device), groups.to(device)).cpu().numpy()
     results, start = [], 0
     for classes, local in columns:
         block = u[:, start:start + len(classes)]

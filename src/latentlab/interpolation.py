@@ -7,11 +7,16 @@ the project's classifier scores the in-between images of many random pairs (its 
 path, and the Frechet distance of those images to the test set), and the step lengths say how smooth
 each path is.
 """
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from latentlab.context import Context, set_threads, sub_seed
 from latentlab.errors import LatentlabError
+
+if TYPE_CHECKING:
+    from latentlab.metrics import Reference
 
 KINDS = ("linear_noise", "spherical_noise", "real_codes")
 LABELS = {"linear_noise": "GAN noise, linear", "spherical_noise": "GAN noise, spherical",
