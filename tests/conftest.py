@@ -27,6 +27,7 @@ def tiny_config(**top):
     config.fewshot.draws = 2
     config.fewshot.epochs = 5
     config.gan.steps = config.cgan.steps = 50
+    config.flow.steps, config.flow.hidden, config.flow.sweep_samples = 100, 64, 100
     config.gan.batch_size = config.cgan.batch_size = 64
     config.interpolation.pairs = 4
     config.evaluation.samples = 200
@@ -53,12 +54,12 @@ def tiny_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def gan_run(tiny_run, tmp_path_factory):
-    """The tiny run plus a classifier and both tiny GANs (50 steps). Tests that change it must copy it first."""
+    """The tiny run plus a classifier, both tiny GANs (50 steps) and the flow. Tests that change it must copy it first."""
     import shutil
 
     run = Run(shutil.copytree(tiny_run.root, tmp_path_factory.mktemp("gan_run") / "run"))
     pipeline = Pipeline(run, tiny_config())
-    for stage in ("classifier", "gan", "cgan"):
+    for stage in ("classifier", "gan", "cgan", "flow"):
         pipeline.run_stage(stage)
     return run
 
@@ -73,6 +74,7 @@ def demo_config():
     config.classifier.train_limit = 10_000
     config.gan.steps = 300
     config.cgan.steps = 2000
+    config.flow.steps = 1500
     for gan in (config.gan, config.cgan):
         gan.batch_size, gan.lr, gan.noise_dim = 128, 1e-3, 32
     return config
@@ -80,6 +82,6 @@ def demo_config():
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """A run with an AE, classifier, both GANs and a report, for the web demo's tests (~45 s of CPU time)."""
+    """A run with an AE, classifier, both GANs, the flow and a report, for the web demo's tests (~55 s of CPU time)."""
     return trained_run(tmp_path_factory.mktemp("demo_run"), demo_config(),
-                       ["autoencoder", "classifier", "gan", "cgan", "report"])
+                       ["autoencoder", "classifier", "gan", "cgan", "flow", "report"])

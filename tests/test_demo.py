@@ -100,6 +100,27 @@ def test_interpolate_between_two_digits(models, steps, kind):
     assert "a 1 and a 0" in row["about"] and kind in row["about"]
 
 
+def test_the_flow_generates_and_walks_too(models, demo_run, tmp_path):
+    result = demo.generate(models, "7", 64, 11, "flow")
+    assert result["model"] == "flow" and (result["labels"] == 7).all()
+    assert (_read(models, result["images"]) == 7).mean() >= 0.8
+    assert not (result["images"] == demo.generate(models, "7", 64, 11)["images"]).all()  # not the GAN's digits
+    # "any" samples the flow with no digit; the download is what `latentlab sample --model flow` writes
+    anything = demo.generate(models, "any", 16, 3, "flow")
+    _, npz = demo.save_downloads(models, anything)
+    assert npz.name == "flow-digits-any-n16-seed3.npz"
+    assert main(["sample", "--run", str(demo_run.root), "--count", "16", "--seed", "3", "--model", "flow",
+                 "--out", str(tmp_path / "cli.npz")]) == 0
+    with np.load(npz) as ours, np.load(tmp_path / "cli.npz") as theirs:
+        assert (ours["images"] == theirs["images"]).all() and (ours["labels"] == theirs["labels"]).all()
+    row = demo.interpolate_row(models, "two digits", "1", "0", 8, "linear", 2, "flow")
+    assert row["readings"][0][0] == 1 and row["readings"][-1][0] == 0 and "latent flow" in row["about"]
+    with pytest.raises(LatentlabError, match="model"):
+        demo.generate(models, "7", 4, 0, "vae")
+    with pytest.raises(LatentlabError, match="model"):
+        demo.interpolate_row(models, "two digits", "1", "0", 8, "linear", 2, "diffusion")
+
+
 def test_interpolate_between_two_test_images(models):
     row = demo.interpolate_row(models, "two test images", "3", "8", 6, "linear", 4)
     i, j = np.random.default_rng(4).choice(len(models.test_images), 2, replace=False)

@@ -158,6 +158,31 @@ def test_generate_in_the_browser_shows_the_digit_asked_for(server, page, demo_ru
     assert_all_local(page)
 
 
+def test_the_model_choice_in_the_browser_draws_with_the_flow(server, page, demo_run):
+    page.goto(server["url"])
+    page.get_by_role("button", name="Generate").wait_for(timeout=60_000)
+    page.locator("#digit input").click()
+    page.get_by_role("option", name="2", exact=True).click()
+    page.locator("#model").get_by_label("flow").check()
+    page.get_by_role("button", name="Generate").click()
+    download = page.locator('#npz-file a[download="flow-digits-2-n16-seed0.npz"]')  # the flow's file
+    download.wait_for(timeout=60_000)
+    response = page.request.get(page.locator("#grid img").get_attribute("src"))
+    digits = demo.cells_of(np.asarray(Image.open(io.BytesIO(response.body())).convert("L")), 16)
+    assert (predict_proba(load_classifier(demo_run), digits).argmax(axis=1) == 2).mean() >= 0.8
+    with np.load(io.BytesIO(page.request.get(download.get_attribute("href")).body())) as f:
+        assert (f["images"] == digits).all() and (f["labels"] == 2).all()
+
+    # Interpolate with the flow: its endpoints are the flow's digits, read back by the classifier
+    page.get_by_role("tab", name="Interpolate").click()
+    page.locator("#walk-model").get_by_label("flow").check()
+    page.get_by_role("button", name="Interpolate").click()
+    page.get_by_text("the latent flow: a 3 and a 8").wait_for(timeout=60_000)
+    texts = page.locator("#walk figcaption").all_inner_texts()
+    assert len(texts) == 10 and texts[0].startswith("3 ") and texts[-1].startswith("8 "), texts
+    assert_all_local(page)
+
+
 def test_interpolate_in_the_browser_reads_each_step(server, page, tmp_path):
     page.goto(server["url"])
     page.get_by_role("tab", name="Interpolate").click()
@@ -194,8 +219,9 @@ def _call(url: str, api: str, data: list) -> tuple[str, object]:
 
 
 @pytest.mark.parametrize("data, message", [
-    (["7", 1000, 0], "64"), (["../../etc/passwd", 4, 0], "choices"), (["3", "__import__('os')", 0], "float"),
-    (["3", 2.5, 0], "how many: expected a whole number"),  # past Gradio's own checks, refused by latentlab's
+    (["7", 1000, 0, "GAN"], "64"), (["../../etc/passwd", 4, 0, "GAN"], "choices"),
+    (["3", "__import__('os')", 0, "GAN"], "float"), (["3", 4, 0, "vae"], "choices"),
+    (["3", 2.5, 0, "flow"], "how many: expected a whole number"),  # past Gradio's own checks, refused by latentlab's
 ])
 def test_the_http_api_refuses_bad_values(server, data, message):
     kind, payload = _call(server["url"], "generate", data)
@@ -217,7 +243,7 @@ def test_only_the_report_is_served_from_the_run_folder(server, demo_run):
 
 
 def test_the_http_api_serves_a_grid_of_64(server):
-    kind, payload = _call(server["url"], "generate", ["any", 64, 3])
+    kind, payload = _call(server["url"], "generate", ["any", 64, 3, "GAN"])
     assert kind == "complete"
     picture = payload[0]
     assert picture["url"].startswith(server["url"])

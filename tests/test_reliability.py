@@ -109,6 +109,9 @@ def test_largest_seed_runs_every_stage_to_the_end_at_every_limit(tmp_path):
     for gan in (config.gan, config.cgan):
         gan.steps = gan.batch_size = gan.noise_dim = gan.hidden = gan.r1_every = gan.checkpoint_every = 1
         gan.log_every, gan.ema = 1, 0.0
+    fl = config.flow
+    fl.steps = fl.batch_size = fl.hidden = fl.layers = fl.ode_steps = fl.log_every = 1
+    fl.embed_dim, fl.sweep_samples, fl.ema, fl.label_dropout, fl.solver = 2, 10, 0.0, 0.0, "euler"
     config.interpolation.pairs, config.interpolation.steps = 2, 3
     ev = config.evaluation
     ev.samples, ev.k, ev.gmm_components, ev.gmm_fit_limit, ev.gmm_components_per_digit = 10, 9, 2, 2, 1
@@ -116,7 +119,7 @@ def test_largest_seed_runs_every_stage_to_the_end_at_every_limit(tmp_path):
     run = Run(tmp_path / "run", create=True)
     Pipeline(run, config).run_all()  # ...and runs to the end
     assert set(Pipeline(run, config).records()) == {"autoencoder", "classifier", "fewshot", "gan", "cgan",
-                                                      "interpolation", "evaluation", "report"}
+                                                      "flow", "interpolation", "evaluation", "report"}
     assert (run.root / "report.html").exists()
 
 

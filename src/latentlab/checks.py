@@ -59,6 +59,11 @@ FIELDS = {
                 "curve_every": whole(1, 100_000), "curve_images": whole(1, N_VAL), "neighbours": whole(1, 1000),
                 "balance": number(0, 1), "train_limit": whole(0, N_TRAIN)},
     "gan": GAN, "cgan": GAN,
+    "flow": {"steps": whole(1, 10_000_000), "batch_size": whole(1, 65_536), "lr": number(0, 1, low_open=True),
+             "hidden": whole(1, 8192), "layers": whole(1, 64), "embed_dim": whole(2, 4096),
+             "label_dropout": number(0, 1, high_open=True), "ema": number(0, 1, high_open=True),
+             "guidance": number(0, 20), "solver": choice("euler", "midpoint", "heun"), "ode_steps": whole(1, 1000),
+             "sweep_samples": whole(MIN_SAMPLES, 100_000), "log_every": whole(1, 10_000_000)},
     "interpolation": {"pairs": whole(2, 5000), "steps": whole(3, 1000)},
     "evaluation": {"samples": whole(MIN_SAMPLES, 100_000), "k": whole(1, 100), "gmm_components": whole(1, MAX_MIXTURE),
                    "gmm_components_per_digit": whole(1, MAX_MIXTURE), "gmm_fit_limit": whole(2, N_TRAIN),
@@ -70,6 +75,7 @@ RELATIONS = [
     f"fewshot: labels_per_class <= the images of its rarest digit (balanced) or 10 x labels_per_class <= its images "
     f"(random); neighbours < its images; its images >= {VOTE_NEIGHBOURS} and > autoencoder.latent_dim "
     "(end_to_end_draws above draws means every draw, as 0 does)",
+    "flow: embed_dim even (sine and cosine halves); evaluation.k < sweep_samples (at most evaluation.samples are used)",
     "interpolation: 2 x pairs <= the test images (10,000); pairs x (steps - 2) <= the 5,000 validation images",
     "evaluation: k < samples <= the test images (10,000); gmm_components <= gmm_fit_limit; "
     "gmm_components_per_digit <= the training images of the rarest digit",
@@ -165,6 +171,11 @@ def check_fields(config: Config) -> None:
     if ev.gmm_components > ev.gmm_fit_limit:
         raise LatentlabError(f"evaluation.gmm_components={ev.gmm_components}: more than the {ev.gmm_fit_limit} codes "
                              "it is fitted on (evaluation.gmm_fit_limit)")
+    flow = config.flow
+    if flow.embed_dim % 2:
+        raise LatentlabError(f"flow.embed_dim={flow.embed_dim}: must be even (sine and cosine halves)")
+    if not ev.k < flow.sweep_samples:  # above evaluation.samples it takes that many
+        raise LatentlabError(f"flow.sweep_samples={flow.sweep_samples}: must be more than evaluation.k ({ev.k})")
 
 
 # ---- the limits only the data knows ---------------------------------------------------------------
@@ -317,7 +328,7 @@ def read_split(path, n_images: int) -> dict[str, np.ndarray]:
 
 
 def check_checkpoint(path, checkpoint: dict, kind: str) -> None:
-    """The kind asked for, plain model arguments, finite weights; for GANs the code statistics too."""
+    """The kind asked for, plain model arguments, finite weights; for the generators the code statistics too."""
     import torch
 
     found = checkpoint.get("kind")
@@ -337,7 +348,7 @@ def check_checkpoint(path, checkpoint: dict, kind: str) -> None:
     if kind in ("gan", "cgan") and args.get("num_classes") != (10 if kind == "cgan" else 0):
         raise LatentlabError(f"{path}: num_classes={args.get('num_classes')} does not fit a {kind} checkpoint")
     # the code statistics: the GANs' scale, kept by the autoencoder too (older AE checkpoints lack them)
-    if kind in ("gan", "cgan") or (kind == "autoencoder" and "code_mean" in checkpoint):
+    if kind in ("gan", "cgan", "flow") or (kind == "autoencoder" and "code_mean" in checkpoint):
         latent = args.get("latent_dim")
         for key in ("code_mean", "code_std"):
             stat = checkpoint.get(key)

@@ -14,6 +14,7 @@ STAGE_COMMANDS = {
     "fewshot": ("fewshot", "classify digits from the latent codes with 50 labels: the reference MLPs and graph methods"),
     "train-gan": ("gan", "train the latent GAN (noise -> AE code)"),
     "train-cgan": ("cgan", "train the conditional latent GAN (noise + digit -> AE code)"),
+    "train-flow": ("flow", "train the latent flow-matching generator (noise [+ digit] -> AE code by an ODE)"),
     "interpolate": ("interpolation", "interpolate between GAN samples and between real digits, and score the paths"),
     "evaluate": ("evaluation", "score the GANs and Gaussian-mixture baselines with the classifier (FD, precision/recall)"),
     "report": ("report", "write report.md and report.html from the run's metrics and figures"),
@@ -86,13 +87,15 @@ def build_parser() -> Parser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="change a setting in every trial (repeatable)")
 
-    p = sub.add_parser("sample", help="generate digits with a trained run's GAN into a .png grid or a .npz file")
-    p.add_argument("--run", required=True, help="a run folder with trained GANs (from `latentlab run`)")
+    p = sub.add_parser("sample", help="generate digits with a trained run's GAN or flow into a .png grid or a .npz file")
+    p.add_argument("--run", required=True, help="a run folder with trained generators (from `latentlab run`)")
     p.add_argument("--count", type=int, required=True, help="how many digits (1-100000)")
     p.add_argument("--out", required=True, help="FILE.png (a grid) or FILE.npz (images uint8 N x 28 x 28, labels)")
-    p.add_argument("--digit", type=int, help="ask the conditional GAN for this digit (0-9); without it the plain GAN")
+    p.add_argument("--digit", type=int, help="ask for this digit (0-9): the conditional GAN, or the flow guided to it; "
+                   "without it the plain GAN, or the flow with no digit")
     p.add_argument("--seed", type=int, default=0,
                    help="noise seed, 0-2147483647; the same seed gives the same digits (default 0)")
+    p.add_argument("--model", default="gan", help="gan (default) or flow")
 
     p = sub.add_parser("demo", help="serve a web page to generate and interpolate digits with a trained run")
     p.add_argument("--run", required=True, help="a run folder with trained models (from `latentlab run`)")
@@ -239,8 +242,8 @@ def cmd_report(args) -> None:
 def cmd_sample(args) -> None:
     from latentlab.gan import write_samples  # torch and the models only: a cold `sample` stays quick
 
-    out = write_samples(args.run, args.count, args.out, digit=args.digit, seed=args.seed)
-    print(f"latentlab: wrote {args.count} images to {out}")
+    out = write_samples(args.run, args.count, args.out, digit=args.digit, seed=args.seed, model=args.model)
+    print(f"latentlab: wrote {args.count} digits to {out}")
 
 
 def cmd_demo(args) -> None:

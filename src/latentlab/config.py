@@ -57,6 +57,25 @@ class GANConfig:
 
 
 @dataclass
+class FlowConfig:
+    """The latent flow-matching generator (flow.py); defaults chosen by measurement (docs/flow_sweep.md)."""
+    steps: int = 3000             # training steps
+    batch_size: int = 256
+    lr: float = 5e-3              # Adam, cosine decay to zero
+    hidden: int = 256             # width of the MLP's hidden layers (the GANs' width)
+    layers: int = 3               # residual blocks
+    embed_dim: int = 64           # size of the time and the digit embeddings
+    label_dropout: float = 0.5    # share of training codes shown as "no digit", so one net samples any digit too
+    ema: float = 0.999            # keep an exponential moving average of the weights (0 = the last step's)
+    guidance: float = 1.5         # classifier-free guidance scale for digit samples (1 = none, 0 = ignore digit)
+    solver: str = "heun"          # fixed-step ODE solver: "euler", "midpoint" or "heun"
+    ode_steps: int = 8            # solver steps from noise to code
+    sweep_samples: int = 2000     # samples per point of the evaluation's ODE-steps / guidance sweep (at most
+                                  # evaluation.samples)
+    log_every: int = 100          # loss history resolution (steps per recorded mean)
+
+
+@dataclass
 class InterpolationConfig:
     pairs: int = 200
     steps: int = 10
@@ -89,6 +108,7 @@ class Config:
     gan: GANConfig = field(default_factory=GANConfig)
     cgan: GANConfig = field(default_factory=lambda: GANConfig(steps=8_000, batch_size=128, loss="hinge", r1=0.0,
                                                                           ema=0.99))
+    flow: FlowConfig = field(default_factory=FlowConfig)
     interpolation: InterpolationConfig = field(default_factory=InterpolationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
@@ -100,6 +120,7 @@ QUICK = {
     "fewshot": {"draws": 2, "epochs": 40, "train_limit": 5_000, "end_to_end_draws": 1, "curve_every": 10},
     "gan": {"steps": 1000},
     "cgan": {"steps": 1000},
+    "flow": {"steps": 1000, "sweep_samples": 500},
     "interpolation": {"pairs": 50},
     "evaluation": {"samples": 1000, "gmm_components": 10, "gmm_components_per_digit": 4, "gmm_fit_limit": 3000},
 }

@@ -1,4 +1,4 @@
-"""The web demo (`latentlab demo --run DIR`): ask for a digit and see it; walk between two digits.
+"""The web demo (`latentlab demo --run DIR`): ask for a digit and see it; walk between two digits; by GAN or flow.
 
 What the page does lives in plain functions over `DemoModels` (loaded once at start), which the tests call
 directly; `build_app` only wires them into a Gradio page and `serve` runs it. Gradio is an optional extra
@@ -36,6 +36,7 @@ from latentlab.classifier import load_classifier, predict_proba  # noqa: E402
 from latentlab.checks import config_from_json  # noqa: E402
 from latentlab.context import Context  # noqa: E402
 from latentlab.errors import LatentlabError  # noqa: E402
+from latentlab import flow as latent_flow  # noqa: E402
 from latentlab.gan import LatentGAN, generate_codes, load_gan, sample_images  # noqa: E402
 from latentlab.interpolation import interpolate  # noqa: E402
 from latentlab.runfolder import Run, atomic_write  # noqa: E402
@@ -48,7 +49,8 @@ KINDS = ("linear", "spherical")
 ENDPOINTS = ("two digits", "two test images")   # conditional GAN samples, or real test images through the AE
 SCALE, GAP = 3, 2           # the grid draws each digit 3x larger (nearest pixel) with 2-pixel grey gaps
 GAP_GREY = 90
-CHECKPOINTS = ("autoencoder", "classifier", "gan", "cgan")
+CHECKPOINTS = ("autoencoder", "classifier", "gan", "cgan", "flow")
+MODELS = ("GAN", "flow")    # which generator draws: the GANs, or the latent flow (guided to a digit, or no digit)
 
 
 # ---- validation: every value from the page passes through one of these ----
@@ -94,6 +96,7 @@ class DemoModels:
     autoencoder: torch.nn.Module
     gan: LatentGAN              # plain: "any" digit
     cgan: LatentGAN             # conditional: the digit asked for
+    flow: latent_flow.LatentFlow  # either: guided to the digit asked for, or with no digit for "any"
     classifier: torch.nn.Module
     test_images: np.ndarray     # uint8 (N, 28, 28), ink 255
     test_labels: np.ndarray
@@ -122,7 +125,7 @@ def load_models(run_dir) -> DemoModels:
     codes = encode(autoencoder.encoder, ctx.images("test")).numpy()
     pca = PCA(n_components=2, svd_solver="full").fit(codes)  # deterministic, and fast on 10k codes
     return DemoModels(
-        run=run, autoencoder=autoencoder, gan=gan, cgan=cgan, classifier=classifier,
+        run=run, autoencoder=autoencoder, gan=gan, cgan=cgan, flow=latent_flow.load_flow(run), classifier=classifier,
         test_images=ctx.dataset.test_images, test_labels=ctx.dataset.test_labels, pca=pca,
         test_points=pca.transform(codes), metrics=run.metrics(),
         downloads=Path(tempfile.mkdtemp(prefix="latentlab-demo-")),
@@ -154,20 +157,25 @@ def cells_of(picture: np.ndarray, count: int) -> np.ndarray:
     return np.stack(out)
 
 
-def generate(models: DemoModels, digit, count, seed) -> dict:
-    """Sample `count` digits (a given digit from the conditional GAN, "any" from the plain one), as `latentlab sample`.
+def generate(models: DemoModels, digit, count, seed, model="GAN") -> dict:
+    """Sample `count` digits as `latentlab sample --model gan|flow`: with the GAN a given digit from the conditional
+    GAN and "any" from the plain one; with the flow, guided to the digit or with no digit.
 
     Returns images uint8 (N, 28, 28), labels (N,) (the digit asked for, or -1), the grid picture and their codes.
     """
     digit = parse_digit(digit)
     count = whole_number(count, "how many", 1, MAX_COUNT)
     seed = whole_number(seed, "seed", 0, MAX_SEED)
-    gan = models.gan if digit is None else models.cgan
-    images = sample_images(gan, models.autoencoder.decoder, count, digit=digit, seed=seed)
+    model = one_of(model, "model", MODELS)
+    if model == "flow":
+        images = latent_flow.sample_images(models.flow, models.autoencoder.decoder, count, digit=digit, seed=seed)
+    else:
+        gan = models.gan if digit is None else models.cgan
+        images = sample_images(gan, models.autoencoder.decoder, count, digit=digit, seed=seed)
     codes = encode(models.autoencoder.encoder, pixels.to_float(images))
     labels = np.full(count, -1 if digit is None else digit, dtype=np.int64)
     return {"images": images, "labels": labels, "picture": grid_picture(images), "codes": codes.numpy(),
-            "digit": digit, "count": count, "seed": seed}
+            "digit": digit, "count": count, "seed": seed, "model": model}
 
 
 _prune_lock = threading.Lock()
@@ -176,6 +184,7 @@ _prune_lock = threading.Lock()
 def save_downloads(models: DemoModels, result: dict, keep: int = 256) -> tuple[Path, Path]:
     """The grid as the PNG and the NPZ that `latentlab sample` writes; names come from validated numbers only."""
     name = f"digits-{'any' if result['digit'] is None else result['digit']}-n{result['count']}-seed{result['seed']}"
+    name = "flow-" + name if result.get("model") == "flow" else name
     png, npz = models.downloads / f"{name}.png", models.downloads / f"{name}.npz"
     atomic_write(png, lambda f: pixels.write_grid_png(result["images"], f))
     atomic_write(npz, lambda f: np.savez(f, images=result["images"], labels=result["labels"]))
@@ -188,10 +197,10 @@ def save_downloads(models: DemoModels, result: dict, keep: int = 256) -> tuple[P
 
 # ---- Interpolate ----
 
-def interpolate_row(models: DemoModels, endpoints, first, second, steps, kind, seed) -> dict:
+def interpolate_row(models: DemoModels, endpoints, first, second, steps, kind, seed, model="GAN") -> dict:
     """Walk between two codes and decode each step; the classifier reads every image.
 
-    endpoints "two digits": conditional-GAN samples of digits `first` and `second`;
+    endpoints "two digits": samples of digits `first` and `second` by `model` (the conditional GAN or the flow);
     "two test images": two test images drawn by `seed`, through the autoencoder.
     Returns images uint8 (steps, 28, 28), readings [(digit, confidence)], the codes and a description.
     """
@@ -199,12 +208,18 @@ def interpolate_row(models: DemoModels, endpoints, first, second, steps, kind, s
     steps = whole_number(steps, "steps", MIN_STEPS, MAX_STEPS)
     kind = one_of(kind, "interpolation", KINDS)
     seed = whole_number(seed, "seed", 0, MAX_SEED)
+    model = one_of(model, "model", MODELS)
     if endpoints == "two digits":
         a, b = parse_digit(first, "first digit", allow_any=False), parse_digit(second, "second digit", allow_any=False)
-        noise = torch.randn(2, models.cgan.noise_dim, generator=torch.Generator().manual_seed(seed))
-        with torch.no_grad():
-            ends = generate_codes(models.cgan, noise, torch.tensor([a, b]))
-        about = f"conditional GAN: a {a} and a {b} (seed {seed})"
+        if model == "flow":
+            noise = latent_flow.draw_noise(2, models.flow.latent_dim, seed)
+            ends = latent_flow.generate_codes(models.flow, noise, torch.tensor([a, b]))
+            about = f"the latent flow: a {a} and a {b} (seed {seed})"
+        else:
+            noise = torch.randn(2, models.cgan.noise_dim, generator=torch.Generator().manual_seed(seed))
+            with torch.no_grad():
+                ends = generate_codes(models.cgan, noise, torch.tensor([a, b]))
+            about = f"conditional GAN: a {a} and a {b} (seed {seed})"
     else:
         i, j = np.random.default_rng(seed).choice(len(models.test_images), 2, replace=False)
         pair = pixels.to_float(models.test_images[[i, j]])
@@ -294,6 +309,10 @@ def headline_numbers(metrics: dict) -> list[tuple[str, str]]:
          "{:.2f}"),
         ("Frechet distance, conditional latent GAN", _number(metrics, "cgan", "quality", "frechet_distance"),
          "{:.2f}"),
+        ("latent flow: samples read as the digit asked for", _number(metrics, "flow", "quality", "accuracy"),
+         "{:.1%}"),
+        ("Frechet distance, latent flow with a digit", _number(metrics, "flow", "quality", "frechet_distance"),
+         "{:.2f}"),
         ("the judging classifier's test accuracy", _number(metrics, "classifier", "test_accuracy"), "{:.2%}"),
     ]
     return [(label, "not measured" if value is None else fmt.format(value)) for label, value, fmt in rows]
@@ -330,21 +349,21 @@ def build_app(models: DemoModels):
                 raise gr.Error(str(e)) from None
         return run
 
-    def on_generate(digit, count, seed):
-        result = generate(models, digit, count, seed)
+    def on_generate(digit, count, seed, model):
+        result = generate(models, digit, count, seed, model)
         png, npz = save_downloads(models, result)
         return result["picture"], str(png), str(npz), result["codes"]
 
-    def on_interpolate(endpoints, first, second, steps, kind, seed):
-        row = interpolate_row(models, endpoints, first, second, steps, kind, seed)
+    def on_interpolate(endpoints, first, second, steps, kind, seed, model):
+        row = interpolate_row(models, endpoints, first, second, steps, kind, seed, model)
         return walk_html(row), row["about"], row["codes"]
 
     report = models.run.root / "report.html"
     report_url = f"/gradio_api/file={quote(str(report.resolve()))}" if report.is_file() else None
     with gr.Blocks(title="latentlab demo", analytics_enabled=False, delete_cache=(600, 1800)) as app:
         gr.Markdown("# latentlab: digits from an autoencoder's latent space\n"
-                    "Ask for a digit and see it written by a GAN trained on the autoencoder's codes, "
-                    "or walk between two digits.")
+                    "Ask for a digit and see it written by a GAN or a flow-matching model trained on the "
+                    "autoencoder's codes, or walk between two digits.")
         codes = gr.State(None)
         path_codes = gr.State(None)
         with gr.Tab("Generate"):
@@ -352,6 +371,7 @@ def build_app(models: DemoModels):
                 digit = gr.Dropdown(DIGIT_CHOICES, value="3", label="digit", elem_id="digit")
                 count = gr.Slider(1, MAX_COUNT, value=16, step=1, label="how many", elem_id="count")
                 seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="seed", elem_id="seed")
+                model = gr.Radio(list(MODELS), value=MODELS[0], label="model", elem_id="model")
             generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
             grid = gr.Image(label="generated digits", format="png", image_mode="L", interactive=False,
                             elem_id="grid", buttons=["download"])
@@ -367,9 +387,11 @@ def build_app(models: DemoModels):
                 steps = gr.Slider(MIN_STEPS, MAX_STEPS, value=10, step=1, label="steps", elem_id="steps")
                 kind = gr.Radio(list(KINDS), value="linear", label="interpolation", elem_id="kind")
                 walk_seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="seed", elem_id="walk-seed")
+                walk_model = gr.Radio(list(MODELS), value=MODELS[0], label="model", elem_id="walk-model")
             walk_button = gr.Button("Interpolate", variant="primary", elem_id="interpolate")
-            # the digit choices matter only for GAN endpoints
-            endpoints.change(lambda e: [gr.Dropdown(interactive=e == ENDPOINTS[0])] * 2, [endpoints], [first, second],
+            # the digit choices and the model matter only for generated endpoints
+            endpoints.change(lambda e: [gr.Dropdown(interactive=e == ENDPOINTS[0])] * 2
+                             + [gr.Radio(interactive=e == ENDPOINTS[0])], [endpoints], [first, second, walk_model],
                              api_name=False)
             walk_about = gr.Markdown()
             gr.Markdown("Under each image: the digit the project's classifier reads, and its confidence.")
@@ -382,10 +404,10 @@ def build_app(models: DemoModels):
         with gr.Tab("About this run"):
             gr.Markdown(about_markdown(models, report_url), elem_id="about")
 
-        generate_button.click(guarded(on_generate), [digit, count, seed], [grid, png_file, npz_file, codes],
+        generate_button.click(guarded(on_generate), [digit, count, seed, model], [grid, png_file, npz_file, codes],
                               api_name="generate").then(
             lambda c: latent_map(models, c), [codes], [latent], api_name=False)
-        walk_button.click(guarded(on_interpolate), [endpoints, first, second, steps, kind, walk_seed],
+        walk_button.click(guarded(on_interpolate), [endpoints, first, second, steps, kind, walk_seed, walk_model],
                           [row, walk_about, path_codes], api_name="interpolate").then(
             lambda c: latent_map(models, c, path=True), [path_codes], [latent], api_name=False)
     return app

@@ -192,7 +192,7 @@ def targets(gan: dict, cgan: dict, baselines: dict, floor: dict) -> dict:
 
 
 def stage(ctx: Context) -> dict:
-    """Score both GANs and both Gaussian-mixture baselines; merge `quality` into the GAN sections."""
+    """Score both GANs, the flow and both Gaussian-mixture baselines; merge `quality` into the generators' sections."""
     from latentlab.gan import load_gan, sample_images
 
     cfg = ctx.config.evaluation
@@ -219,15 +219,23 @@ def stage(ctx: Context) -> dict:
     cgan_images = sample_images(cgan, decoder, count, digit=digits, seed=sub_seed(seed, "cgan-sample"))
     cgan_quality = conditional_quality(classifier, real, cgan_images, digits)
     lap("gans")
+    from latentlab.flow import evaluate_flow
+
+    flow = evaluate_flow(ctx, classifier, real, floor, baselines, {"gan": gan, "cgan": cgan},
+                         {"gan": gan_quality, "cgan": cgan_quality})
+    lap("flow")
 
     figures.quality_bars({"GAN": gan_quality["frechet_distance"], "GMM": baselines["gmm"]["frechet_distance"],
                           "cGAN": cgan_quality["frechet_distance"],
-                          "GMM per digit": baselines["gmm_per_digit"]["frechet_distance"]},
+                          "GMM per digit": baselines["gmm_per_digit"]["frechet_distance"],
+                          "flow, no digit": flow["quality_unconditional"]["frechet_distance"],
+                          "flow, digit": flow["quality"]["frechet_distance"]},
                          {"real training images": floor["train_vs_test_frechet_distance"],
                           "AE reconstructions of test images": floor["reconstruction_frechet_distance"],
                           "AE reconstructions of training images": floor["train_reconstruction_frechet_distance"]},
                          ctx.run.figures / "evaluation_frechet.png")
     figures.digit_accuracy_bars({"conditional GAN": cgan_quality["accuracy_per_digit"],
+                                 "flow with a digit": flow["quality"]["accuracy_per_digit"],
                                  "GMM per digit": baselines["gmm_per_digit"]["accuracy_per_digit"]},
                                 ctx.run.figures / "evaluation_digit_accuracy.png", target=TARGETS["cgan_min_digit_accuracy"])
     figures.grid_figure(baseline_images["gmm"][:100], ctx.run.figures / "baseline_gmm_samples.png", rows=10, cols=10,
@@ -240,6 +248,7 @@ def stage(ctx: Context) -> dict:
     return {
         "gan": {**metrics.get("gan", {}), "quality": gan_quality},
         "cgan": {**metrics.get("cgan", {}), "quality": cgan_quality},
+        "flow": {**metrics.get("flow", {}), **flow},
         "baselines": baselines,
         "evaluation": {
             "samples": count, "k": k, "reference": "the 10,000 test images", "floors": floor,

@@ -75,9 +75,9 @@ def gan_losses(history: dict, path: Path, *, title: str = "GAN training") -> Pat
 
 def quality_bars(values: dict, floors: dict, path: Path) -> Path:
     """Frechet distance of each generator (bars) with the floors (dashed lines); lower is better."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    fig, ax = plt.subplots(figsize=(1.1 * len(values) + 1.1, 3.4))
     names = list(values)
-    bars = ax.bar(names, [values[n] for n in names], color=["C0", "C7", "C1", "C7"][:len(names)])
+    bars = ax.bar(names, [values[n] for n in names], color=["C0", "C7", "C1", "C7", "C2", "C2"][:len(names)])
     ax.bar_label(bars, fmt="%.2f", fontsize=8)
     for (label, value), style in zip(floors.items(), ("--", ":", "-.")):
         ax.axhline(value, color="k", linestyle=style, linewidth=1, label=f"{label}: {value:.2f}")
@@ -152,4 +152,31 @@ def fewshot_methods(methods: dict, reference: dict, best: str, path: Path) -> Pa
     ax.set_title("few-label classification, 50 labels (green: graph methods using unlabelled codes)", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def loss_history(history: dict, path: Path, *, title: str) -> Path:
+    """One training loss (means over `log_every` steps) against the step."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(history["step"], history["loss"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def flow_sweep(steps: dict, guidance: dict, floor: float, path: Path, *, note: str) -> Path:
+    """Frechet distance against the number of ODE steps (left) and the guidance scale (right)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2), sharey=True)
+    for ax, values, label in ((left, steps, "ODE steps (log scale)"), (right, guidance, "guidance scale")):
+        xs = [float(x) for x in values]
+        ax.plot(xs, list(values.values()), "o-")
+        ax.axhline(floor, color="k", linestyle="--", linewidth=1, label=f"exact codes: {floor:.2f}")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    left.set_xscale("log", base=2)
+    left.set_ylabel("Frechet distance")
+    left.legend(fontsize=8)
+    fig.suptitle(f"latent flow: {note}", fontsize=9)
     return _save(fig, path)

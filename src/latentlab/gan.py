@@ -244,20 +244,26 @@ def sample_images(gan: LatentGAN, decoder, count: int, *, digit=None, seed: int 
     return pixels.to_uint8(batched(decoder.eval(), codes, device_of(decoder), 5000))
 
 
+def check_fits_autoencoder(run: Run, name: str, latent_dim: int, command: str) -> None:
+    """Codes of one size go into a decoder of another: a generator trained on another run's autoencoder."""
+    ae_path = run.checkpoints / "autoencoder.pt"
+    if not ae_path.is_file():
+        return
+    from latentlab.checks import check_checkpoint
+
+    ae = run.load_checkpoint("autoencoder")
+    check_checkpoint(ae_path, ae, "autoencoder")
+    latent = ae["model_args"].get("latent_dim")
+    if latent is not None and latent != latent_dim:  # no latent_dim: the AE's own load says what is wrong
+        raise LatentlabError(f"{run.checkpoints / (name + '.pt')}: makes codes of size {latent_dim}, but the run's "
+                             f"autoencoder decodes codes of size {latent}; retrain it with "
+                             f"`latentlab {command} --run {run.root}`")
+
+
 def load_gan(run: Run, conditional: bool, device="cpu") -> LatentGAN:
     name = "cgan" if conditional else "gan"
     generator, ckpt = run.load_model(name, Generator, "train-cgan" if conditional else "train-gan")  # checked there
-    ae_path = run.checkpoints / "autoencoder.pt"
-    if ae_path.is_file():  # codes of one size go into a decoder of another: a GAN of another run's autoencoder
-        from latentlab.checks import check_checkpoint
-
-        ae = run.load_checkpoint("autoencoder")
-        check_checkpoint(ae_path, ae, "autoencoder")
-        latent = ae["model_args"].get("latent_dim")
-        if latent is not None and latent != generator.latent_dim:  # no latent_dim: the AE's own load says what is wrong
-            raise LatentlabError(f"{run.checkpoints / (name + '.pt')}: makes codes of size {generator.latent_dim}, but "
-                                 f"the run's autoencoder decodes codes of size {latent}; retrain it with "
-                                 f"`latentlab {'train-cgan' if conditional else 'train-gan'} --run {run.root}`")
+    check_fits_autoencoder(run, name, generator.latent_dim, "train-cgan" if conditional else "train-gan")
     stats = CodeStats(ckpt["code_mean"].float().to(device), ckpt["code_std"].float().to(device))
     return LatentGAN(generator.to(device), stats, conditional)
 
@@ -271,8 +277,14 @@ def load_decoder(run: Run):
 # `latentlab sample`
 
 
-def write_samples(run_dir, count: int, out, *, digit: int | None = None, seed: int = 0) -> Path:
-    """Generate `count` digits with the plain GAN (digit None) or the conditional GAN, to a .png grid or a .npz."""
+MODELS = ("gan", "flow")
+
+
+def write_samples(run_dir, count: int, out, *, digit: int | None = None, seed: int = 0, model: str = "gan") -> Path:
+    """Generate `count` digits to a .png grid or a .npz: with model "gan" the plain GAN (digit None) or the
+    conditional GAN; with model "flow" the latent flow, guided to `digit` or with no digit."""
+    if model not in MODELS:
+        raise LatentlabError(f"--model {model}: choose {' or '.join(MODELS)}")
     if not 1 <= count <= MAX_SAMPLES:
         raise LatentlabError(f"--count {count}: must be between 1 and {MAX_SAMPLES}")
     if digit is not None and not 0 <= digit <= 9:
@@ -298,8 +310,13 @@ def write_samples(run_dir, count: int, out, *, digit: int | None = None, seed: i
     if not os.access(out.parent, os.W_OK):
         raise LatentlabError(f"--out {out}: folder {out.parent} is not writable")
     run = Run(run_dir)
-    gan = load_gan(run, conditional=digit is not None)
-    images = sample_images(gan, load_decoder(run), count, digit=digit, seed=seed)
+    if model == "flow":
+        from latentlab import flow  # torch only, like this module
+
+        images = flow.sample_images(flow.load_flow(run), load_decoder(run), count, digit=digit, seed=seed)
+    else:
+        gan = load_gan(run, conditional=digit is not None)
+        images = sample_images(gan, load_decoder(run), count, digit=digit, seed=seed)
     try:
         if out.suffix.lower() == ".png":
             pixels.write_grid_png(images, out)

@@ -1,7 +1,9 @@
 """Stage 6: interpolation, shown and measured.
 
-Three kinds of path, `steps` images each: between two plain-GAN samples by interpolating their noise
-(linear and spherical), and between two real test images by interpolating their AE codes (linear).
+Four kinds of path, `steps` images each: between two plain-GAN samples by interpolating their noise
+(linear and spherical), between two real test images by interpolating their AE codes (linear), and
+between two samples of the flow with no digit by interpolating their noise (spherical): the flow's
+noise-to-code map is a deterministic ODE, so its noise space can be walked like the GAN's.
 The reference report showed one example and judged the GAN rows more digit-like along the way; here
 the project's classifier scores the in-between images of many random pairs (its confidence along the
 path, and the Frechet distance of those images to the test set), and the step lengths say how smooth
@@ -18,10 +20,11 @@ from latentlab.errors import LatentlabError
 if TYPE_CHECKING:
     from latentlab.metrics import Reference
 
-KINDS = ("linear_noise", "spherical_noise", "real_codes")
+KINDS = ("linear_noise", "spherical_noise", "real_codes", "flow_noise")
 LABELS = {"linear_noise": "GAN noise, linear", "spherical_noise": "GAN noise, spherical",
-          "real_codes": "real test images, AE codes"}
-SHORT = {"linear_noise": "linear GAN-noise", "spherical_noise": "spherical GAN-noise", "real_codes": "real-code"}
+          "real_codes": "real test images, AE codes", "flow_noise": "flow noise, spherical"}
+SHORT = {"linear_noise": "linear GAN-noise", "spherical_noise": "spherical GAN-noise", "real_codes": "real-code",
+         "flow_noise": "flow-noise"}
 
 
 def interpolate(a: torch.Tensor, b: torch.Tensor, steps: int, kind: str = "linear") -> torch.Tensor:
@@ -127,10 +130,21 @@ def verdict(results: dict, floor: float, steps: int, pairs: int) -> str:
     else:
         answer = ("neither kind of path is clearly more digit-like along the way: the measures disagree or the "
                   "differences are within noise, so the reference's judgement is not borne out")
-    smoothest = min(KINDS, key=lambda k: results[k]["feature_step_max"])
+    smoothest = min((k for k in KINDS if k in results), key=lambda k: results[k]["feature_step_max"])
+    flow = ""
+    if "flow_noise" in results:  # the flow's paths, judged the same way against the real-code paths
+        outcome = compare(results["flow_noise"], real)
+        words = {1: "flow better", -1: "real codes better", 0: "within noise"}
+        detail = "; ".join(f"{text} {results['flow_noise'][key]:.{digits}f} vs {real[key]:.{digits}f} "
+                           f"({words[outcome[key]]})" for (key, _, text), digits in zip(MEASURES, (3, 3, 1)))
+        total = sum(outcome.values())
+        flow = (f". Flow noise, spherical (no digit): {detail}; so flow-noise paths are "
+                + ("more digit-like than real-code paths" if total > 0 else
+                   "less digit-like than real-code paths" if total < 0 else "about as digit-like as real-code paths")
+                + f" (flow feature step max {results['flow_noise']['feature_step_max']:.3f})")
     return (
         f"Over {pairs} random pairs ({steps - 2} in-between images each), {answer}. "
-        + ". ".join(parts)
+        + ". ".join(parts) + flow
         + f" (differences count only beyond twice their standard error; real validation images of the same number "
         f"have Frechet distance {floor:.1f}). Smoothness: the largest step along a path, relative to the endpoint "
         f"distance in classifier features, is {results['linear_noise']['feature_step_max']:.3f} (linear noise), "
@@ -144,6 +158,8 @@ def stage(ctx: Context) -> dict:
     from latentlab import figures
     from latentlab.autoencoder import decode
     from latentlab.classifier import features, load_classifier
+    from latentlab.flow import generate_codes as flow_codes
+    from latentlab.flow import load_flow
     from latentlab.gan import generate_codes, load_gan
     from latentlab.metrics import Reference
 
@@ -159,6 +175,9 @@ def stage(ctx: Context) -> dict:
     if 2 * cfg.pairs > len(test_codes):
         raise LatentlabError(f"interpolation.pairs={cfg.pairs}: needs {2 * cfg.pairs} test images, there are {len(test_codes)}")
     ends = torch.randperm(len(test_codes), generator=rng)[:2 * cfg.pairs].view(2, cfg.pairs)  # distinct images
+    flow = load_flow(ctx.run, device=ctx.device)
+    flow_rng = torch.Generator().manual_seed(sub_seed(ctx.config.seed, "interpolation-flow"))  # the others stay
+    flow_a, flow_b = torch.randn(2, cfg.pairs, flow.latent_dim, generator=flow_rng)
 
     def paths(a, b, kind):  # (pairs, D) x 2 -> (pairs * steps, D)
         return torch.cat([interpolate(a[i], b[i], cfg.steps, kind) for i in range(len(a))])
@@ -167,6 +186,7 @@ def stage(ctx: Context) -> dict:
         "linear_noise": generate_codes(gan, paths(noise_a, noise_b, "linear")).cpu(),
         "spherical_noise": generate_codes(gan, paths(noise_a, noise_b, "spherical")).cpu(),
         "real_codes": paths(test_codes[ends[0]], test_codes[ends[1]], "linear"),
+        "flow_noise": flow_codes(flow, paths(flow_a, flow_b, "spherical")).cpu(),  # no digit: any digit along the way
     }
     images = {k: decode(decoder, c).view(cfg.pairs, cfg.steps, 1, 28, 28) for k, c in codes.items()}
 
@@ -180,7 +200,7 @@ def stage(ctx: Context) -> dict:
 
     figures.grid_figure(torch.cat([images[k][0] for k in KINDS]).cpu(), ctx.run.figures / "interpolation.png",
                         rows=len(KINDS), cols=cfg.steps, row_labels=[LABELS[k] for k in KINDS],
-                        title="interpolation: GAN noise (linear, spherical) and real test images' codes")
+                        title="interpolation: GAN noise (linear, spherical), real test images' codes, flow noise")
     return {"interpolation": {
         "pairs": cfg.pairs, "steps": cfg.steps, "in_between_images": n_between,
         **{k: {m: round(v, 4) for m, v in r.items()} for k, r in results.items()},

@@ -51,18 +51,20 @@ STAGES = [
           ("autoencoder",)),
     Stage("cgan", "latentlab.gan:stage_cgan", ("cgan",), ("checkpoints/cgan.pt", "figures/cgan_samples.png"),
           ("autoencoder",)),
+    Stage("flow", "latentlab.flow:stage", ("flow",), ("checkpoints/flow.pt", "figures/flow_samples.png"),
+          ("autoencoder",)),
     Stage("interpolation", "latentlab.interpolation:stage", ("interpolation",), ("figures/interpolation.png",),
-          ("autoencoder", "classifier", "gan")),
+          ("autoencoder", "classifier", "gan", "flow")),
     Stage("evaluation", "latentlab.evaluate:stage", ("evaluation",), ("figures/evaluation_frechet.png",),
-          ("autoencoder", "classifier", "gan", "cgan")),
+          ("autoencoder", "classifier", "gan", "cgan", "flow")),
     Stage("report", "latentlab.report:stage", (), ("report.md", "report.html"),
-          ("autoencoder", "classifier", "fewshot", "gan", "cgan", "interpolation", "evaluation")),
+          ("autoencoder", "classifier", "fewshot", "gan", "cgan", "flow", "interpolation", "evaluation")),
 ]
 # Two at a time: which ready stage this process takes first, and which may go to the child process beside it
 # (the long ones that run as fast on one thread). The autoencoder runs alone on every core: all but the
 # classifier wait for it.
-MAIN_ORDER = ("autoencoder", "fewshot", "classifier", "cgan", "gan", "interpolation", "evaluation", "report")
-BESIDE_ORDER = ("classifier", "gan", "cgan", "fewshot")
+MAIN_ORDER = ("autoencoder", "fewshot", "classifier", "cgan", "gan", "flow", "interpolation", "evaluation", "report")
+BESIDE_ORDER = ("classifier", "gan", "flow", "cgan", "fewshot")
 ALONE = ("autoencoder",)
 
 

@@ -97,9 +97,10 @@ def fewshot_section(m: dict, root: Path, w: dict) -> str:
     return "\n\n".join(parts)
 
 
-def _quality_row(name: str, q: dict) -> list[str]:
+def _quality_row(name: str, q: dict, train_seconds=None) -> list[str]:
     return [name, num(q.get("frechet_distance"), 2), num(q.get("precision")), num(q.get("recall")),
-            pct(q["accuracy"]) if "accuracy" in q else "-"]
+            pct(q["accuracy"]) if q.get("accuracy") is not None else "-",
+            num(train_seconds, 1) if train_seconds is not None else "-"]
 
 
 def generation_section(m: dict, root: Path, w: dict) -> str:
@@ -111,23 +112,28 @@ def generation_section(m: dict, root: Path, w: dict) -> str:
              f"{m.get('evaluation', {}).get('samples', 'n/a')} samples per model: the share read as the {w['class']} "
              "asked for, the Fréchet distance between classifier features of generated and test images, and k-NN "
              "precision/recall in the same space."]
-    parts.append(_figures(root, "gan_samples.png", "cgan_samples.png"))
+    parts.append(_figures(root, "gan_samples.png", "cgan_samples.png", "flow_samples.png"))
     ev = m.get("evaluation")
     if ev:
         floors = ev.get("floors", {})
         rows = [["real training images (floor)", num(floors.get("train_vs_test_frechet_distance"), 2),
-                 num(floors.get("train_vs_test_precision")), num(floors.get("train_vs_test_recall")), "-"],
+                 num(floors.get("train_vs_test_precision")), num(floors.get("train_vs_test_recall")), "-", "-"],
                 ["AE reconstructions of test images (floor)", num(floors.get("reconstruction_frechet_distance"), 2),
                  num(floors.get("reconstruction_precision")), num(floors.get("reconstruction_recall")),
-                 pct(floors["reconstruction_accuracy"]) if "reconstruction_accuracy" in floors else "-"],
-                ["AE reconstructions of training images", num(floors.get("train_reconstruction_frechet_distance"), 2),
-                 num(floors.get("train_reconstruction_precision")), num(floors.get("train_reconstruction_recall")), "-"]]
-        for key, label in (("gan", "latent GAN"), ("cgan", "conditional latent GAN")):
-            if "quality" in m.get(key, {}):
-                rows.append(_quality_row(label, m[key]["quality"]))
+                 pct(floors["reconstruction_accuracy"]) if "reconstruction_accuracy" in floors else "-", "-"],
+                ["AE reconstructions of training images (exact codes)",
+                 num(floors.get("train_reconstruction_frechet_distance"), 2),
+                 num(floors.get("train_reconstruction_precision")), num(floors.get("train_reconstruction_recall")),
+                 "-", "-"]]
+        for key, quality, label in (("gan", "quality", "latent GAN"), ("cgan", "quality", "conditional latent GAN"),
+                                    ("flow", "quality_unconditional", "latent flow, no digit"),
+                                    ("flow", "quality", "latent flow, with a digit")):
+            if quality in m.get(key, {}):
+                rows.append(_quality_row(label, m[key][quality], m[key].get("train_seconds")))
         for key, q in m.get("baselines", {}).items():
             rows.append(_quality_row(f"Gaussian mixture `{key}` (baseline)", q))
-        parts.append(_table(["model", "Fréchet distance", "precision", "recall", "read as asked"], rows))
+        parts.append("Every generator and baseline side by side (training seconds on this run's machine):")
+        parts.append(_table(["model", "Fréchet distance", "precision", "recall", "read as asked", "training s"], rows))
         cq = m.get("cgan", {}).get("quality")
         if cq and "accuracy_per_digit" in cq:
             digits = sorted(cq["accuracy_per_digit"])
@@ -142,7 +148,34 @@ def generation_section(m: dict, root: Path, w: dict) -> str:
         if ev.get("targets"):
             parts.append("Targets: " + ", ".join(f"{name} {'met' if met else '**not met**'}"
                                                  for name, met in ev["targets"].items()) + ".")
+        parts.append(flow_part(m.get("flow", {}), root))
     parts.append(_figures(root, "evaluation_*.png", "baseline_*.png", "gan_losses.png", "cgan_losses.png"))
+    return "\n\n".join(p for p in parts if p)
+
+
+def flow_part(flow: dict, root: Path) -> str:
+    """The flow against the GANs: its verdict, targets, and Frechet distance by ODE steps and guidance."""
+    if "quality" not in flow:
+        return ""
+    parts = [f"**Latent flow matching** ({flow.get('solver')}, {flow.get('ode_steps')} ODE steps, guidance "
+             f"{flow.get('guidance')}, {flow.get('steps')} training steps)."]
+    if flow.get("verdict"):
+        parts.append(f"**Verdict (flow against the GANs).** {flow['verdict']}")
+    if flow.get("targets"):
+        parts.append("Flow targets: " + ", ".join(f"{name} {'met' if met else '**not met**'}"
+                                                  for name, met in flow["targets"].items()) + ".")
+    hist = flow.get("quality_unconditional", {}).get("class_histogram")
+    if hist:
+        parts.append("Digits read in the flow's samples with no digit asked for:\n\n" + _table(
+            ["digit"] + [str(d) for d in range(10)], [["share"] + [pct(v) for v in hist]]))
+    sweep = flow.get("sweep")
+    if sweep:
+        for key, label in (("by_ode_steps", "ODE steps"), ("by_guidance", "guidance scale")):
+            values = sweep[key]
+            parts.append(f"Digit samples ({sweep['samples']} per point) by {label}:\n\n" + _table(
+                [label] + list(values), [["Fréchet distance"] + [num(v["frechet_distance"], 2) for v in values.values()],
+                                         ["read as asked"] + [pct(v["accuracy"]) for v in values.values()]]))
+    parts.append(_figures(root, "flow_sweep.png", "flow_losses.png"))
     return "\n\n".join(p for p in parts if p)
 
 

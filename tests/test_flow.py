@@ -1,0 +1,171 @@
+"""The latent flow: it learns a known 2-D mixture, repeats with its seed, round-trips its checkpoint, is scored
+beside the GANs, and `latentlab sample --model flow` works and refuses bad input in one line."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from latentlab import flow
+from latentlab.cli import main
+from latentlab.config import FlowConfig
+from latentlab.errors import LatentlabError
+from latentlab.gan import load_decoder
+from latentlab.models import CodeStats
+from latentlab.pipeline import Pipeline
+from latentlab.runfolder import Run
+from tests.conftest import tiny_config
+
+MODES = torch.tensor([[2.0, 2.0], [-2.0, 2.0], [-2.0, -2.0], [2.0, -2.0]])
+
+
+def mixture(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n points of four tight Gaussians at MODES, and which mode each came from (its "digit")."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 4
+    return MODES[labels] + 0.1 * torch.randn(n, 2, generator=gen), labels
+
+
+def nearest_mode(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    distances = torch.cdist(points, MODES)          # (N, 4)
+    return distances.min(1).indices, distances.min(1).values
+
+
+TINY = FlowConfig(steps=1200, batch_size=128, lr=3e-3, hidden=64, layers=2, embed_dim=16, label_dropout=0.5,
+                  ema=0.99, guidance=1.0, solver="heun", ode_steps=8, log_every=100)
+
+
+@pytest.fixture(scope="module")
+def mixture_field():
+    points, labels = mixture(2000)
+    model, history = flow.train_flow(TINY, points, labels, seed=0)
+    return model, history
+
+
+def test_it_learns_the_modes_of_a_2d_mixture(mixture_field):
+    model, history = mixture_field
+    assert history["loss"][-1] < history["loss"][0]
+    noise = torch.randn(400, 2, generator=torch.Generator().manual_seed(1))
+    for mode in range(4):  # asked for one mode, it lands on that mode
+        out = flow.integrate(model, noise, torch.full((400,), mode), steps=8)
+        which, distance = nearest_mode(out)
+        assert (which == mode).float().mean() >= 0.9 and distance.median() < 0.5, mode
+    # with no digit it lands near some mode, and visits all four about equally
+    which, distance = nearest_mode(flow.integrate(model, noise, None, steps=8))
+    assert distance.median() < 0.5
+    shares = torch.bincount(which, minlength=4).float() / 400
+    assert shares.min() >= 0.12, shares
+    # guidance 0 ignores the digit: the same as no digit at all
+    assert torch.allclose(flow.integrate(model, noise, torch.zeros(400, dtype=torch.long), guidance=0.0),
+                          flow.integrate(model, noise, None))
+
+
+def test_solvers_agree_when_given_enough_steps(mixture_field):
+    model, _ = mixture_field
+    noise = torch.randn(50, 2, generator=torch.Generator().manual_seed(2))
+    digit = torch.full((50,), 1)
+    fine = flow.integrate(model, noise, digit, solver="euler", steps=400)
+    for solver in flow.SOLVERS:
+        assert torch.allclose(flow.integrate(model, noise, digit, solver=solver, steps=64), fine, atol=0.05), solver
+    with pytest.raises(LatentlabError, match="choose euler"):
+        flow.integrate(model, noise, digit, solver="rk45")
+
+
+def test_training_and_sampling_repeat_with_the_seed():
+    points, labels = mixture(300)
+    cfg = FlowConfig(steps=30, batch_size=32, hidden=16, layers=1, embed_dim=8, log_every=10)
+    first, h1 = flow.train_flow(cfg, points, labels, seed=3)
+    second, h2 = flow.train_flow(cfg, points, labels, seed=3)
+    other, _ = flow.train_flow(cfg, points, labels, seed=4)
+    assert h1 == h2 and len(h1["loss"]) == 3
+    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), other.state_dict().values()))
+
+
+def test_checkpoint_round_trip(tmp_path, mixture_field):
+    model, _ = mixture_field
+    run = Run(tmp_path / "run", create=True)
+    mean, std = torch.tensor([1.0, -1.0]), torch.tensor([2.0, 0.5])
+    run.save_checkpoint("flow", flow.checkpoint(model, TINY, CodeStats(mean, std)))
+    loaded = flow.load_flow(run)  # rebuilt from the file alone
+    assert (loaded.guidance, loaded.solver, loaded.ode_steps) == (TINY.guidance, TINY.solver, TINY.ode_steps)
+    assert torch.equal(loaded.stats.mean, mean) and torch.equal(loaded.stats.std, std)
+    noise, digits = torch.randn(20, 2, generator=torch.Generator().manual_seed(5)), torch.arange(20) % 4
+    expected = flow.integrate(model, noise, digits, steps=TINY.ode_steps) * std + mean
+    assert torch.allclose(flow.generate_codes(loaded, noise, digits), expected, atol=1e-6)
+    # a flow checkpoint without its sampling settings, or with broken statistics, is refused in one line
+    ckpt = flow.checkpoint(model, TINY, CodeStats(mean, std))
+    del ckpt["sampling"]
+    run.save_checkpoint("flow", ckpt)
+    with pytest.raises(LatentlabError, match="sampling settings missing"):
+        flow.load_flow(run)
+    run.save_checkpoint("flow", flow.checkpoint(model, TINY, CodeStats(mean, torch.tensor([2.0, 0.0]))))
+    with pytest.raises(LatentlabError, match="code_std must be > 0"):
+        flow.load_flow(run)
+    run.save_checkpoint("gan", flow.checkpoint(model, TINY, CodeStats(mean, std)))  # a flow where the GAN belongs
+    with pytest.raises(LatentlabError, match="not the 'gan' asked for"):
+        run.load_model("gan", flow.VelocityField, "train-gan")
+
+
+def test_stage_and_evaluation_sections(gan_run, tmp_path):
+    """The flow stage's section, and the evaluation's flow.quality / quality_unconditional with cgan.quality's keys."""
+    run = Run(shutil.copytree(gan_run.root, tmp_path / "run"))
+    section = run.metrics()["flow"]
+    assert section["steps"] == tiny_config().flow.steps and section["train_seconds"] > 0
+    assert len(section["history"]["loss"]) == len(section["history"]["step"]) >= 1
+    assert (run.figures / "flow_samples.png").stat().st_size > 1000
+    Pipeline(run, tiny_config()).run_stage("evaluation")
+    metrics = run.metrics()
+    cgan_keys = set(metrics["cgan"]["quality"])
+    assert set(metrics["flow"]["quality"]) == cgan_keys
+    assert set(metrics["flow"]["quality_unconditional"]) == cgan_keys
+    assert metrics["flow"]["quality_unconditional"]["accuracy"] is None  # no digit was asked for
+    assert abs(sum(metrics["flow"]["quality_unconditional"]["class_histogram"]) - 1) < 1e-6
+    sweep = metrics["flow"]["sweep"]
+    assert list(sweep["by_ode_steps"]) == ["1", "2", "4", "8", "16", "32"]
+    assert all(v["frechet_distance"] > 0 for v in sweep["by_ode_steps"].values())
+    assert "best on Frechet distance" in metrics["flow"]["verdict"]
+    assert metrics["flow"]["train_seconds"] == section["train_seconds"]  # the stage's own keys are kept
+    assert (run.figures / "flow_sweep.png").is_file()
+
+
+def sample(run, *args) -> int:
+    return main(["sample", "--run", str(run.root), *map(str, args)])
+
+
+def test_sample_with_the_flow(gan_run, tmp_path):
+    files = {name: tmp_path / f"{name}.npz" for name in ("a", "b", "c", "any")}
+    for name, seed in (("a", 11), ("b", 11), ("c", 12)):
+        assert sample(gan_run, "--count", 6, "--out", files[name], "--seed", seed, "--digit", 5, "--model", "flow") == 0
+    a, b, c = (np.load(files[n]) for n in ("a", "b", "c"))
+    assert np.array_equal(a["images"], b["images"]) and not np.array_equal(a["images"], c["images"])
+    assert a["images"].shape == (6, 28, 28) and a["labels"].tolist() == [5] * 6
+    assert sample(gan_run, "--count", 4, "--out", files["any"], "--model", "flow") == 0  # no digit: unconditional
+    with np.load(files["any"]) as f:
+        assert f["labels"].tolist() == [-1] * 4
+        expected = flow.sample_images(flow.load_flow(gan_run), load_decoder(gan_run), 4, seed=0)
+        assert np.array_equal(f["images"], expected)
+
+
+def test_sample_errors_are_one_line(gan_run, tiny_run, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    assert sample(gan_run, "--count", 4, "--out", out, "--model", "vae") == 2
+    assert capsys.readouterr().err == "latentlab: error: --model vae: choose gan or flow\n"
+    assert sample(tiny_run, "--count", 4, "--out", out, "--model", "flow") == 2
+    err = capsys.readouterr().err
+    assert "flow.pt: checkpoint is missing; train it with `latentlab train-flow" in err and err.count("\n") == 1
+    assert sample(gan_run, "--count", 4, "--out", out, "--model", "flow", "--digit", 10) == 2
+    assert capsys.readouterr().err == "latentlab: error: --digit 10: must be a digit from 0 to 9\n"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("flow.solver=rk4", "one of euler, midpoint, heun"), ("flow.label_dropout=1", "a number in [0, 1)"),
+    ("flow.ode_steps=0", "a whole number 1-1000"), ("flow.guidance=-1", "a number in [0, 20]"),
+    ("flow.embed_dim=15", "must be even"), ("flow.sweep_samples=3", "a whole number 10-100000"),
+])
+def test_bad_flow_settings_are_one_line_errors(tiny_run, setting, message, capsys):
+    assert main(["train-flow", "--run", str(tiny_run.root), "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("latentlab: error: flow.") and message in err and err.count("\n") == 1
