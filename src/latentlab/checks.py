@@ -57,7 +57,7 @@ FIELDS = {
     "fewshot": {"labels_per_class": whole(1, N_TRAIN // 10), "draw": choice("balanced", "random"),
                 "draws": whole(1, 100), "epochs": whole(1, 100_000), "end_to_end_draws": whole(0, 100),
                 "curve_every": whole(1, 100_000), "curve_images": whole(1, N_VAL), "neighbours": whole(1, 1000),
-                "balance": number(0, 1), "train_limit": whole(0, N_TRAIN)},
+                "balance": number(0, 1), "deskew": ("bool",), "train_limit": whole(0, N_TRAIN)},
     "gan": GAN, "cgan": GAN,
     "interpolation": {"pairs": whole(2, 5000), "steps": whole(3, 1000)},
     "evaluation": {"samples": whole(MIN_SAMPLES, 100_000), "k": whole(1, 100), "gmm_components": whole(1, MAX_MIXTURE),
