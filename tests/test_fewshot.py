@@ -113,6 +113,8 @@ def test_metrics_figures_and_saved_draws(first):
     assert [a["method"] for a in fs["ablation"]] == ["logistic_regression", "poisson", "poisson_balanced",
                                                      "deskew_poisson", "deskew_poisson_balanced"]
     assert all(a["seconds"] >= 0 for a in fs["ablation"]) and fs["ablation"][3]["seconds"] > 0
+    # on balanced draws the label frequencies are uniform: both balancing targets are the same
+    assert fs["methods"]["deskew_poisson_uniform"]["per_draw"] == fs["methods"]["deskew_poisson_balanced"]["per_draw"]
     assert fs["best_method"] in fs["methods"]
     curves = fs["curves"]
     assert curves["epochs"] == [0, 2, 4] and len(curves["seed_mlp_end_to_end"]["mean"]) == 3
@@ -180,7 +182,7 @@ def test_random_draw_runs_even_when_a_digit_is_missing(tiny_run, tmp_path, monke
     config = fewshot_config(draw="random", draws=1, epochs=1, curve_every=1)
     fs = run_stage(copy_run(tiny_run, tmp_path, "random"), config)
     assert fs["draw"] == "random"
-    for name in ("poisson", "poisson_balanced", "poisson_volume", "deskew_poisson"):
+    for name in ("poisson", "poisson_balanced", "poisson_uniform", "poisson_volume", "deskew_poisson"):
         # the test set's 7s (about 10%) cannot be right, everything else can
         assert 0.3 < fs["methods"][name]["test_accuracy"]["mean"] < 0.9
 

@@ -264,10 +264,11 @@ def poisson_sources(n: int, draws: list[np.ndarray], columns) -> tuple[torch.Ten
 
 def poisson_labels(weights, draws: list[np.ndarray], labelled: list[np.ndarray], balance: float,
                    device) -> list[dict[str, np.ndarray]]:
-    """Labels of every training code by Poisson learning for every draw (on a GPU one stacked solve), with three
+    """Labels of every training code by Poisson learning for every draw (on a GPU one stacked solve), with four
     decisions: `poisson` (argmax), `poisson_volume` (class sizes forced to the label frequencies, graphlearning's
-    class_priors) and `poisson_balanced` (the geometric middle, weights ** balance: sizes pulled
-    towards the priors without forcing them; digits are not exactly equally frequent)."""
+    class_priors), `poisson_balanced` (the geometric middle, weights ** balance: sizes pulled
+    towards the priors without forcing them; digits are not exactly equally frequent) and `poisson_uniform`
+    (the same pull towards equal class sizes)."""
     columns = [np.unique(labels, return_inverse=True) for labels in labelled]  # a random draw can miss a digit
     if torch.device(device).type == "cpu":
         # graphlearning's own solver, draw by draw: on the CPU a stacked solve costs as much per column
@@ -283,8 +284,12 @@ def poisson_labels(weights, draws: list[np.ndarray], labelled: list[np.ndarray],
         start += len(classes)
         scores = (block - block.min()) / (block.max() - block.min())  # graphlearning's normalisation
         w = balance_weights(scores, np.bincount(local) / len(local))
+        # The same pull towards equal class sizes: the digits are about equally frequent, whereas a random
+        # draw's label frequencies are a noisy guess (on balanced draws the two are the same).
+        uniform = balance_weights(scores, np.full(len(classes), 1 / len(classes)))
         results.append({"poisson": classes[np.argmax(scores, axis=1)],
                         "poisson_balanced": classes[np.argmax(scores * w ** balance, axis=1)],
+                        "poisson_uniform": classes[np.argmax(scores * uniform ** balance, axis=1)],
                         "poisson_volume": classes[np.argmax(scores * w, axis=1)]})
     return results
 
@@ -416,8 +421,8 @@ def deskewed_codes(ctx: Context, train_images: torch.Tensor) -> dict:
     return {part: batched(lambda x: encoder(deskew(x)), x, ctx.device) for part, x in images.items()}
 
 
-GRAPH_METHODS = ("poisson", "poisson_balanced", "poisson_volume",
-                 "deskew_poisson", "deskew_poisson_balanced", "deskew_poisson_volume")
+GRAPH_METHODS = tuple(prefix + name for prefix in ("", "deskew_")
+                      for name in ("poisson", "poisson_balanced", "poisson_uniform", "poisson_volume"))
 # The ablation: each ingredient added in turn, with the method that has it and the timings it costs.
 ABLATION = (("the labelled codes alone (logistic regression)", "logistic_regression", ("baselines",)),
             ("+ the unlabelled training codes: Poisson learning on their graph, new codes vote", "poisson",
