@@ -69,6 +69,34 @@ def test_balance_weights_reach_the_priors():
     assert np.abs(sizes - [0.5, 0.3, 0.2]).max() <= 2e-3
 
 
+def _moments(images):
+    """Centre of mass (y, x) and the covariance of x and y of the ink of each image."""
+    import torch
+
+    grid = torch.arange(images.shape[-1], dtype=images.dtype)
+    mass = images.sum((1, 2, 3))
+    cy = (images.sum((1, 3)) * grid).sum(1) / mass
+    cx = (images.sum((1, 2)) * grid).sum(1) / mass
+    dy, dx = grid[None, :, None] - cy[:, None, None], grid[None, None, :] - cx[:, None, None]
+    return cy, cx, (images[:, 0] * dy * dx).sum((1, 2)) / mass
+
+
+def test_deskew_straightens_and_centres_a_slanted_stroke():
+    import torch
+
+    image = torch.zeros(2, 1, 28, 28)
+    for row in range(6, 22):  # a stroke leaning right (x grows as y falls), off centre
+        image[0, 0, row, 6 + (22 - row) // 2: 9 + (22 - row) // 2] = 1
+    image[1, 0, 6:22, 12:16] = 1  # upright and centred already
+    cy, cx, cov = _moments(image)
+    assert cov[0] < -5 and abs(float(cx[0]) - 13.5) > 1
+    straight = fewshot.deskew(image)
+    cy, cx, cov = _moments(straight)
+    assert torch.allclose(cy, torch.full((2,), 13.5), atol=0.3) and torch.allclose(cx, torch.full((2,), 13.5), atol=0.3)
+    assert cov.abs().max() < 0.5
+    assert (straight[1] - image[1]).abs().max() < 1e-4  # nothing to straighten: the image is left as it was
+
+
 def test_metrics_figures_and_saved_draws(first):
     run, fs = first
     assert fs["labels"] == 50 and fs["draws"] == 2 and fs["draw"] == "balanced"
@@ -80,6 +108,13 @@ def test_metrics_figures_and_saved_draws(first):
         assert info["test_accuracy"]["min"] == pytest.approx(min(info["per_draw"]), abs=1e-4)
         assert info["test_accuracy"]["mean"] == pytest.approx(np.mean(info["per_draw"]), abs=1e-4)
     assert len([n for n in fs["methods"] if n.endswith("_end_to_end")]) >= 4
+    for name in ("poisson", "deskew_poisson", "deskew_poisson_balanced"):
+        assert fs["methods"][name]["family"] == "graph" and fs["methods"][name]["uses_unlabelled_codes"] is True
+    assert [a["method"] for a in fs["ablation"]] == ["logistic_regression", "poisson", "poisson_balanced",
+                                                     "deskew_poisson", "deskew_poisson_balanced"]
+    assert all(a["seconds"] >= 0 for a in fs["ablation"]) and fs["ablation"][3]["seconds"] > 0
+    # on balanced draws the label frequencies are uniform: both balancing targets are the same
+    assert fs["methods"]["deskew_poisson_uniform"]["per_draw"] == fs["methods"]["deskew_poisson_balanced"]["per_draw"]
     assert fs["best_method"] in fs["methods"]
     curves = fs["curves"]
     assert curves["epochs"] == [0, 2, 4] and len(curves["seed_mlp_end_to_end"]["mean"]) == 3
@@ -128,8 +163,13 @@ def test_no_classifier_sees_more_than_the_drawn_labels(first, tiny_run, tmp_path
     revealed = []
     real_reveal = fewshot.reveal
     monkeypatch.setattr(fewshot, "reveal", lambda labels, idx: revealed.append(len(idx)) or real_reveal(labels, idx))
+    graph_sizes = []  # every graph is built on the training codes alone: no validation or test image in it
+    real_graph = fewshot.code_graph
+    monkeypatch.setattr(fewshot, "code_graph", lambda codes, k: graph_sizes.append(len(codes)) or real_graph(codes, k))
     fs2 = fewshot.stage(ctx)["fewshot"]
     assert revealed == [50, 50]
+    assert graph_sizes == [3000, 3000]  # the codes' graph and the deskewed codes' graph
+    assert {"deskew_poisson", "deskew_poisson_balanced"} <= set(fs2["methods"])
     assert {n: m["per_draw"] for n, m in fs2["methods"].items()} == {n: m["per_draw"] for n, m in fs["methods"].items()}
 
 
@@ -142,7 +182,7 @@ def test_random_draw_runs_even_when_a_digit_is_missing(tiny_run, tmp_path, monke
     config = fewshot_config(draw="random", draws=1, epochs=1, curve_every=1)
     fs = run_stage(copy_run(tiny_run, tmp_path, "random"), config)
     assert fs["draw"] == "random"
-    for name in ("poisson", "poisson_balanced", "poisson_volume"):
+    for name in ("poisson", "poisson_balanced", "poisson_uniform", "poisson_volume", "deskew_poisson"):
         # the test set's 7s (about 10%) cannot be right, everything else can
         assert 0.3 < fs["methods"][name]["test_accuracy"]["mean"] < 0.9
 

@@ -51,6 +51,9 @@ FAKE_METRICS = {
             "spread": {"test_accuracy": {"mean": 0.9734, "std": 0.0047, "min": 0.9633}, "per_draw": [0.97],
                        "transductive": False},
         },
+        "ablation": [{"step": "the labelled codes alone", "method": "seed_mlp_frozen", "seconds": 1.23},
+                     {"step": "+ a graph of the unlabelled codes", "method": "spread", "seconds": 12.34},
+                     {"step": "+ an ingredient this run skipped", "method": "absent", "seconds": 0.5}],
     },
     "gan": {"quality": {"frechet_distance": 3.4567, "precision": 0.8123, "recall": 0.6234,
                         "class_histogram": [0.11, 0.09, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]}},
@@ -79,6 +82,9 @@ def test_report_numbers_all_come_from_the_run(tmp_path, quick):
     assert numbers_not_in_sources(text, FAKE_METRICS, config) == []
     assert "74.5%" in text and "60.7%" in text and "reference report" in text
     assert "97.3%" in text  # the headline method's mean
+    ablation = text[text.index("Ablation"):]
+    assert "| + a graph of the unlabelled codes | `spread` | 97.3% | 96.3% | 12.3 |" in ablation
+    assert "skipped" not in ablation  # a step whose method did not run has no row
     assert ("Quick run" in text) == quick
     assert html.read_text().startswith("<!DOCTYPE html>") and "<table>" in html.read_text()
 

@@ -57,7 +57,7 @@ FIELDS = {
     "fewshot": {"labels_per_class": whole(1, N_TRAIN // 10), "draw": choice("balanced", "random"),
                 "draws": whole(1, 100), "epochs": whole(1, 100_000), "end_to_end_draws": whole(0, 100),
                 "curve_every": whole(1, 100_000), "curve_images": whole(1, N_VAL), "neighbours": whole(1, 1000),
-                "balance": number(0, 1), "train_limit": whole(0, N_TRAIN)},
+                "balance": number(0, 1), "deskew": ("bool",), "train_limit": whole(0, N_TRAIN)},
     "gan": GAN, "cgan": GAN,
     "flow": {"steps": whole(1, 10_000_000), "batch_size": whole(1, 65_536), "lr": number(0, 1, low_open=True),
              "hidden": whole(1, 8192), "layers": whole(1, 64), "embed_dim": whole(2, 4096),

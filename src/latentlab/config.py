@@ -37,6 +37,7 @@ class FewshotConfig:
     curve_images: int = 500       # ... on this fixed sample of validation images (the encoder makes it costly)
     neighbours: int = 10          # k of the kNN graph of training codes for Poisson learning
     balance: float = 0.75         # 0 = plain Poisson argmax, 1 = class sizes forced to the label frequencies
+    deskew: bool = True           # also run the graph methods on codes of deskewed images (docs/fewshot_sweep.md)
     train_limit: int = 0          # draw labels from, and build the graph on, the first N training images; for tests
 
 

@@ -91,6 +91,13 @@ def fewshot_section(m: dict, root: Path, w: dict) -> str:
              pct(info["test_accuracy"]["mean"]), pct(info["test_accuracy"]["std"]), pct(info["test_accuracy"]["min"])]
             for name, info in ranked]
     parts.append(_table(["method", "test images in the graph?", "mean", "std", "worst draw"], rows))
+    ablation = [a for a in fs.get("ablation", []) if a["method"] in methods]
+    if ablation:
+        parts.append("Ablation: each ingredient added in turn (test accuracy over the draws; seconds: what the "
+                     "ingredient adds to the stage, all draws together).")
+        parts.append(_table(["ingredient", "method", "mean", "worst draw", "seconds"], [
+            [a["step"], f"`{a['method']}`", pct(methods[a["method"]]["test_accuracy"]["mean"]),
+             pct(methods[a["method"]]["test_accuracy"]["min"]), num(a["seconds"], 1)] for a in ablation]))
     if fs.get("note"):
         parts.append(fs["note"])
     parts.append(_figures(root, "fewshot_*.png"))
