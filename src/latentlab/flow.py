@@ -42,7 +42,7 @@ class VelocityField(nn.Module):
         super().__init__()
         self.latent_dim, self.embed_dim = latent_dim, embed_dim
         self.input = nn.Linear(latent_dim, hidden)
-        self.time = nn.Sequential(nn.Linear(embed_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.time = nn.Linear(embed_dim, hidden)    # one layer scores as well as two, 10% faster (docs/flow_sweep.md)
         self.digit = nn.Embedding(NUM_CLASSES + 1, hidden)    # index 10 = no digit
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
@@ -116,7 +116,10 @@ def train_flow(cfg: FlowConfig, codes: torch.Tensor, labels: torch.Tensor, *, se
         drop = torch.rand(cfg.batch_size, generator=rng, device=device) < cfg.label_dropout
         digit = torch.where(drop, torch.full_like(digit, NO_DIGIT), digit)
         x0 = torch.randn(x1.shape, generator=rng, device=device)                        # noise
-        t = torch.rand(cfg.batch_size, generator=rng, device=device)
+        if cfg.time_sampling == "logit_normal":  # more of the middle times, where the digit gets decided (SD3)
+            t = torch.sigmoid(torch.randn(cfg.batch_size, generator=rng, device=device))
+        else:
+            t = torch.rand(cfg.batch_size, generator=rng, device=device)
         xt = (1 - t[:, None]) * x0 + t[:, None] * x1                                    # the straight path
         loss = F.mse_loss(model(xt, t, digit), x1 - x0)                                 # its velocity
         optimizer.zero_grad(set_to_none=True)
@@ -273,8 +276,8 @@ def stage(ctx) -> dict:
     figures.loss_history(history, ctx.run.figures / "flow_losses.png", title="flow matching training")
     return {"flow": {
         "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "hidden": cfg.hidden, "layers": cfg.layers,
-        "embed_dim": cfg.embed_dim, "label_dropout": cfg.label_dropout, "ema": cfg.ema, "guidance": cfg.guidance,
-        "solver": cfg.solver, "ode_steps": cfg.ode_steps,
+        "embed_dim": cfg.embed_dim, "label_dropout": cfg.label_dropout, "time_sampling": cfg.time_sampling,
+        "ema": cfg.ema, "guidance": cfg.guidance, "solver": cfg.solver, "ode_steps": cfg.ode_steps,
         "parameters": sum(p.numel() for p in model.parameters()), "train_codes": len(codes),
         "device": str(ctx.device), "train_seconds": round(train_seconds, 2),
         "sample_100_seconds": round(sample_seconds, 3), "final_loss": history["loss"][-1], "history": history,

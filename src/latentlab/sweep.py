@@ -45,6 +45,11 @@ HEADLINES = {
     "GAN recall": ("gan", "quality", "recall"),
     "cGAN precision": ("cgan", "quality", "precision"),
     "cGAN recall": ("cgan", "quality", "recall"),
+    "flow accuracy": ("flow", "quality", "accuracy"),
+    "flow Frechet distance": ("flow", "quality", "frechet_distance"),
+    "flow recall": ("flow", "quality", "recall"),
+    "flow (no digit) Frechet distance": ("flow", "quality_unconditional", "frechet_distance"),
+    "flow (no digit) recall": ("flow", "quality_unconditional", "recall"),
 }
 FEWSHOT_FIRST = ("seed_mlp_frozen", "seed_mlp_end_to_end", "poisson_balanced")  # shown first, then the rest
 
