@@ -65,7 +65,9 @@ def pipeline_table(out: Path, quick: bool, device: str) -> None:
 def headline(metrics: dict) -> dict:
     """The numbers a speed change must not move: the quality targets of the default study."""
     fewshot = metrics.get("fewshot", {}).get("methods", {})
+    best = metrics.get("fewshot", {}).get("best_method")
     cgan = metrics.get("cgan", {}).get("quality", {})
+    flow = metrics.get("flow", {})
     return {
         "ae_test_mse": metrics.get("autoencoder", {}).get("test_mse"),
         "classifier_test_accuracy": metrics.get("classifier", {}).get("test_accuracy"),
@@ -74,6 +76,12 @@ def headline(metrics: dict) -> dict:
         "cgan_fd": cgan.get("frechet_distance"), "cgan_recall": cgan.get("recall"),
         "gan_fd": metrics.get("gan", {}).get("quality", {}).get("frechet_distance"),
         "gan_recall": metrics.get("gan", {}).get("quality", {}).get("recall"),
+        "fewshot_best": {best: fewshot.get(best, {}).get("test_accuracy")} if best else None,
+        "flow": {k: flow.get(q, {}).get(m) for k, q, m in (
+            ("accuracy", "quality", "accuracy"), ("min_digit", "quality", "min_digit_accuracy"),
+            ("fd", "quality", "frechet_distance"), ("recall", "quality", "recall"),
+            ("no_digit_fd", "quality_unconditional", "frechet_distance"),
+            ("no_digit_recall", "quality_unconditional", "recall"))} | {"train_seconds": flow.get("train_seconds")},
     }
 
 

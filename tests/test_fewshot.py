@@ -3,6 +3,9 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from latentlab import fewshot
 from latentlab.cli import build_parser, resolve_config
@@ -220,3 +223,20 @@ def test_stacked_torch_solve_matches_graphlearning_draw_by_draw():
         assert np.abs(u[:, 10 * i:10 * (i + 1)] - reference).max() < 1e-2 * np.abs(reference).max()
         assert (u[:, 10 * i:10 * (i + 1)].argmax(1) == reference.argmax(1)).mean() > 0.99
         assert (cpu_path[i]["poisson"] == reference.argmax(1)).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(12, 90), k=st.integers(1, 10), batch=st.integers(1, 40), chunk=st.integers(1, 50),
+       exclude=st.booleans(), seed=st.integers(0, 1000))
+def test_tiled_nearest_matches_a_full_sort(n, k, batch, chunk, exclude, seed):
+    """The tiled neighbour search gives what sorting every similarity gives, whatever the tile sizes."""
+    from latentlab.fewshot import nearest
+
+    points = torch.nn.functional.normalize(torch.randn(n, 5, generator=torch.Generator().manual_seed(seed)), dim=1)
+    similarity = points @ points.T
+    if exclude:
+        similarity.fill_diagonal_(-float("inf"))
+    expected = similarity.sort(dim=1, descending=True).indices[:, :k]
+    distances, indices = nearest(points, points, k, exclude_self=exclude, batch_size=batch, chunk=chunk)
+    assert torch.equal(indices, expected)
+    assert torch.allclose(distances, (points[:, None] - points[expected]).norm(dim=2), atol=1e-3)

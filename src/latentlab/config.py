@@ -72,7 +72,7 @@ class FlowConfig:
     guidance: float = 1.4         # classifier-free guidance scale for digit samples (1 = none, 0 = ignore digit)
     solver: str = "heun"          # fixed-step ODE solver: "euler", "midpoint" or "heun"
     ode_steps: int = 8            # solver steps from noise to code
-    sweep_samples: int = 2000     # samples per point of the evaluation's ODE-steps / guidance sweep (at most
+    sweep_samples: int = 1000     # samples per point of the evaluation's ODE-steps / guidance sweep (at most
                                   # evaluation.samples)
     log_every: int = 100          # loss history resolution (steps per recorded mean)
 

@@ -145,18 +145,30 @@ def whiten(train_codes: torch.Tensor):
 
 
 def nearest(queries: torch.Tensor, points: torch.Tensor, k: int, *, exclude_self: bool = False,
-            batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k nearest `points` of each query (unit vectors), brute force in blocks on their device:
-    (distances (Q, k), indices (Q, k)), nearest first. `exclude_self`: queries are the points themselves."""
+            batch_size: int = 512, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k nearest `points` of each query (unit vectors), brute force on their device:
+    (distances (Q, k), indices (Q, k)), nearest first. `exclude_self`: queries are the points themselves.
+
+    Similarities are made in tiles of batch_size x chunk, each tile keeping its own k best: a tile stays in
+    the CPU's cache, where one row block against all 55k points (225 MB) did not (14 s -> 8 s here).
+    """
     distances, indices = [], []
     for start in range(0, len(queries), batch_size):
-        similarity = queries[start:start + batch_size] @ points.T                     # (b, N)
-        if exclude_self:
-            rows = torch.arange(len(similarity), device=points.device)
-            similarity[rows, rows + start] = -float("inf")
-        top, index = similarity.topk(k, dim=1)
+        block = queries[start:start + batch_size]
+        rows = torch.arange(len(block), device=points.device)
+        best, where = [], []
+        for first in range(0, len(points), chunk):
+            similarity = block @ points[first:first + chunk].T                          # (b, c)
+            if exclude_self:  # the query's own column, where it falls in this chunk
+                column = rows + start - first
+                inside = (column >= 0) & (column < similarity.shape[1])
+                similarity[rows[inside], column[inside]] = -float("inf")
+            top, index = similarity.topk(min(k, similarity.shape[1]), dim=1)
+            best.append(top)
+            where.append(index + first)
+        top, pick = torch.cat(best, 1).topk(k, dim=1)
         distances.append((2 - 2 * top).clamp_min(0).sqrt())                            # |a - b| of unit vectors
-        indices.append(index)
+        indices.append(torch.cat(where, 1).gather(1, pick))
     return torch.cat(distances), torch.cat(indices)
 
 
