@@ -155,14 +155,14 @@ def nearest(queries: torch.Tensor, points: torch.Tensor, k: int, *, exclude_self
     distances, indices = [], []
     for start in range(0, len(queries), batch_size):
         block = queries[start:start + batch_size]
-        rows = torch.arange(len(block), device=points.device)
         best, where = [], []
         for first in range(0, len(points), chunk):
             similarity = block @ points[first:first + chunk].T                          # (b, c)
-            if exclude_self:  # the query's own column, where it falls in this chunk
-                column = rows + start - first
-                inside = (column >= 0) & (column < similarity.shape[1])
-                similarity[rows[inside], column[inside]] = -float("inf")
+            if exclude_self and first < start + len(block) and start < first + similarity.shape[1]:
+                # this tile holds some queries' own columns: query start + i is point first + j
+                own = (torch.arange(len(block), device=points.device)[:, None] + start
+                       == torch.arange(similarity.shape[1], device=points.device)[None, :] + first)
+                similarity.masked_fill_(own, -float("inf"))
             top, index = similarity.topk(min(k, similarity.shape[1]), dim=1)
             best.append(top)
             where.append(index + first)
