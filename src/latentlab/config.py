@@ -122,7 +122,7 @@ QUICK = {
     "fewshot": {"draws": 2, "epochs": 40, "train_limit": 5_000, "end_to_end_draws": 1, "curve_every": 10},
     "gan": {"steps": 1000},
     "cgan": {"steps": 1000},
-    "flow": {"steps": 1000, "sweep_samples": 500},
+    "flow": {"steps": 400, "sweep_samples": 200},
     "interpolation": {"pairs": 50},
     "evaluation": {"samples": 1000, "gmm_components": 10, "gmm_components_per_digit": 4, "gmm_fit_limit": 3000},
 }
