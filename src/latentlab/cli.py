@@ -255,6 +255,7 @@ def cmd_demo(args) -> None:
 
 
 def main(argv=None) -> int:
+    command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
@@ -281,6 +282,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("latentlab: interrupted; finished stages are kept, run the same command again to resume",
               file=sys.stderr)
+        if command_line:  # not a caller of main() in this process
+            # Leave at once: an interrupt that landed inside torch's or tqdm's threads could otherwise hang the
+            # interpreter's shutdown or end it by SIGINT after all. Files are complete (atomic writes), the
+            # run folder's lock goes with the process, and a stage beside was stopped on the way here.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130
     return 0
 
