@@ -48,7 +48,8 @@ def start_demo(run_dir, port: int, timeout: float = 180.0) -> tuple[subprocess.P
     """
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, "-m", "latentlab", "demo", "--run", str(run_dir), "--port", str(port)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # Ctrl-C stops it
     lines, started = [], threading.Event()
 
     def read():

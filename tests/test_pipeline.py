@@ -154,7 +154,10 @@ def test_ctrl_c_is_one_line(tmp_path):
     out = tmp_path / "r"
     process = subprocess.Popen(
         [sys.executable, "-m", "latentlab", "train-ae", "--run", str(out), "--set", "autoencoder.epochs=5"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        # as a terminal would: a shell that started the tests in the background ignores SIGINT, and children
+        # inherit that (Python then installs no Ctrl-C handler at all)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while time.time() < deadline and not (out / "split.npz").exists():
         time.sleep(0.2)
