@@ -27,7 +27,7 @@ def tiny_config(**top):
     config.fewshot.draws = 2
     config.fewshot.epochs = 5
     config.gan.steps = config.cgan.steps = 50
-    config.flow.steps, config.flow.hidden, config.flow.sweep_samples = 100, 64, 100
+    config.flow.steps, config.flow.hidden, config.evaluation.flow_sweep_samples = 100, 64, 100
     config.gan.batch_size = config.cgan.batch_size = 64
     config.interpolation.pairs = 4
     config.evaluation.samples = 200

@@ -173,6 +173,16 @@ def _one_error_line(capsys) -> str:
     return err[0]
 
 
+def test_a_run_without_a_flow_still_serves_the_gans(gan_run, tmp_path):
+    run_dir = shutil.copytree(gan_run.root, tmp_path / "run")
+    (run_dir / "checkpoints" / "flow.pt").unlink()
+    models = demo.load_models(run_dir)
+    assert models.flow is None
+    assert len(demo.generate(models, "3", 4, 0, model="GAN")["images"]) == 4
+    with pytest.raises(LatentlabError, match="this run has no flow; train it with `latentlab train-flow"):
+        demo.generate(models, "3", 4, 0, model="flow")
+
+
 def test_demo_without_a_trained_run_names_the_command(tiny_run, tmp_path, capsys):
     assert main(["demo", "--run", str(tiny_run.root)]) == 2  # an autoencoder only
     line = _one_error_line(capsys)

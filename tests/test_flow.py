@@ -103,6 +103,12 @@ def test_checkpoint_round_trip(tmp_path, mixture_field):
     run.save_checkpoint("flow", flow.checkpoint(model, TINY, CodeStats(mean, torch.tensor([2.0, 0.0]))))
     with pytest.raises(LatentlabError, match="code_std must be > 0"):
         flow.load_flow(run)
+    odd = flow.checkpoint(model, TINY, CodeStats(mean, std))
+    odd["model_args"]["embed_dim"] = 15  # builds, loads its weights, then fails in the first pass
+    odd["state_dict"]["time.weight"] = odd["state_dict"]["time.weight"][:, :15]
+    run.save_checkpoint("flow", odd)
+    with pytest.raises(LatentlabError, match="embed_dim=15 must be even"):
+        flow.load_flow(run)
     run.save_checkpoint("gan", flow.checkpoint(model, TINY, CodeStats(mean, std)))  # a flow where the GAN belongs
     with pytest.raises(LatentlabError, match="not the 'gan' asked for"):
         run.load_model("gan", flow.VelocityField, "train-gan")
@@ -163,9 +169,45 @@ def test_sample_errors_are_one_line(gan_run, tiny_run, tmp_path, capsys):
 @pytest.mark.parametrize("setting, message", [
     ("flow.solver=rk4", "one of euler, midpoint, heun"), ("flow.label_dropout=1", "a number in [0, 1)"),
     ("flow.ode_steps=0", "a whole number 1-1000"), ("flow.guidance=-1", "a number in [0, 20]"),
-    ("flow.embed_dim=15", "must be even"), ("flow.sweep_samples=3", "a whole number 10-100000"),
+    ("flow.embed_dim=15", "must be even"),
 ])
 def test_bad_flow_settings_are_one_line_errors(tiny_run, setting, message, capsys):
     assert main(["train-flow", "--run", str(tiny_run.root), "--set", setting]) == 2
     err = capsys.readouterr().err
     assert err.startswith("latentlab: error: flow.") and message in err and err.count("\n") == 1
+
+
+def test_the_average_of_a_short_run_is_not_its_random_start():
+    """The kept weights (EMA 0.999) of a 40-step run sit near the last weights, not the initial ones."""
+    points, labels = mixture(300)
+    cfg = FlowConfig(steps=40, batch_size=32, hidden=16, layers=1, embed_dim=8, log_every=10, lr=1e-2)
+    averaged, _ = flow.train_flow(cfg, points, labels, seed=3)
+    last, _ = flow.train_flow(FlowConfig(**{**cfg.__dict__, "ema": 0.0}), points, labels, seed=3)
+    torch.manual_seed(3)
+    start = flow.VelocityField(latent_dim=2, hidden=16, layers=1, embed_dim=8)
+
+    def distance(a, b):
+        return sum((p - q).norm() ** 2 for p, q in zip(a.parameters(), b.parameters())).sqrt()
+
+    assert distance(averaged, last) < 0.5 * distance(averaged, start)
+
+
+def test_evaluation_with_gans_of_different_noise_sizes(gan_run, tmp_path):
+    run = Run(shutil.copytree(gan_run.root, tmp_path / "run"))
+    config = tiny_config()
+    config.gan.noise_dim = 2 * config.cgan.noise_dim  # the flow's evaluation times both GANs with their own noise
+    pipeline = Pipeline(run, config)
+    pipeline.run_stage("gan")
+    pipeline.run_stage("evaluation")
+    assert run.metrics()["flow"]["sampling_seconds"]["gan_10k_codes_seconds"] > 0
+
+
+def test_stages_that_read_the_flow_refuse_to_start_without_it(gan_run, tmp_path, capsys):
+    run = Run(shutil.copytree(gan_run.root, tmp_path / "run"))
+    (run.checkpoints / "flow.pt").unlink()
+    config_before = (run.root / "config.json").read_text()
+    for command in ("evaluate", "interpolate"):
+        assert main([command, "--run", str(run.root)]) == 2
+        err = capsys.readouterr().err
+        assert "flow.pt: checkpoint is missing; train it with `latentlab train-flow" in err and err.count("\n") == 1
+    assert (run.root / "config.json").read_text() == config_before  # nothing written before the check

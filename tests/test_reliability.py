@@ -111,10 +111,11 @@ def test_largest_seed_runs_every_stage_to_the_end_at_every_limit(tmp_path):
         gan.log_every, gan.ema = 1, 0.0
     fl = config.flow
     fl.steps = fl.batch_size = fl.hidden = fl.layers = fl.ode_steps = fl.log_every = 1
-    fl.embed_dim, fl.sweep_samples, fl.ema, fl.label_dropout, fl.solver = 2, 10, 0.0, 0.0, "euler"
+    fl.embed_dim, fl.ema, fl.label_dropout, fl.solver = 2, 0.0, 0.0, "euler"
     config.interpolation.pairs, config.interpolation.steps = 2, 3
     ev = config.evaluation
     ev.samples, ev.k, ev.gmm_components, ev.gmm_fit_limit, ev.gmm_components_per_digit = 10, 9, 2, 2, 1
+    ev.flow_sweep_samples = 10
     checks.check_config(config)  # accepted...
     run = Run(tmp_path / "run", create=True)
     Pipeline(run, config).run_all()  # ...and runs to the end

@@ -64,11 +64,11 @@ FIELDS = {
              "label_dropout": number(0, 1, high_open=True), "ema": number(0, 1, high_open=True),
              "guidance": number(0, 20), "solver": choice("euler", "midpoint", "heun"),
              "time_sampling": choice("uniform", "logit_normal"), "ode_steps": whole(1, 1000),
-             "sweep_samples": whole(MIN_SAMPLES, 100_000), "log_every": whole(1, 10_000_000)},
+             "log_every": whole(1, 10_000_000)},
     "interpolation": {"pairs": whole(2, 5000), "steps": whole(3, 1000)},
     "evaluation": {"samples": whole(MIN_SAMPLES, 100_000), "k": whole(1, 100), "gmm_components": whole(1, MAX_MIXTURE),
                    "gmm_components_per_digit": whole(1, MAX_MIXTURE), "gmm_fit_limit": whole(2, N_TRAIN),
-                   "gmm_tol": number(0, 1, low_open=True)},
+                   "gmm_tol": number(0, 1, low_open=True), "flow_sweep_samples": whole(MIN_SAMPLES, 100_000)},
 }
 # What the data and the other settings limit, checked at start too (for `latentlab run --help`).
 RELATIONS = [
@@ -76,7 +76,7 @@ RELATIONS = [
     f"fewshot: labels_per_class <= the images of its rarest digit (balanced) or 10 x labels_per_class <= its images "
     f"(random); neighbours < its images; its images >= {VOTE_NEIGHBOURS} and > autoencoder.latent_dim "
     "(end_to_end_draws above draws means every draw, as 0 does)",
-    "flow: embed_dim even (sine and cosine halves); evaluation.k < sweep_samples (at most evaluation.samples are used)",
+    "flow: embed_dim even (sine and cosine halves); evaluation: k < flow_sweep_samples (at most samples are used)",
     "interpolation: 2 x pairs <= the test images (10,000); pairs x (steps - 2) <= the 5,000 validation images",
     "evaluation: k < samples <= the test images (10,000); gmm_components <= gmm_fit_limit; "
     "gmm_components_per_digit <= the training images of the rarest digit",
@@ -175,8 +175,9 @@ def check_fields(config: Config) -> None:
     flow = config.flow
     if flow.embed_dim % 2:
         raise LatentlabError(f"flow.embed_dim={flow.embed_dim}: must be even (sine and cosine halves)")
-    if not ev.k < flow.sweep_samples:  # above evaluation.samples it takes that many
-        raise LatentlabError(f"flow.sweep_samples={flow.sweep_samples}: must be more than evaluation.k ({ev.k})")
+    if not ev.k < ev.flow_sweep_samples:  # above evaluation.samples it takes that many
+        raise LatentlabError(f"evaluation.flow_sweep_samples={ev.flow_sweep_samples}: must be more than "
+                             f"evaluation.k ({ev.k})")
 
 
 # ---- the limits only the data knows ---------------------------------------------------------------
@@ -381,7 +382,8 @@ def writer(root) -> str | None:
 # ---- what a stage command needs before it starts ----------------------------------------------------
 
 # The stages that make a checkpoint, and the command that makes each.
-MADE_BY = {"autoencoder": "train-ae", "classifier": "train-classifier", "gan": "train-gan", "cgan": "train-cgan"}
+MADE_BY = {"autoencoder": "train-ae", "classifier": "train-classifier", "gan": "train-gan", "cgan": "train-cgan",
+           "flow": "train-flow"}
 
 
 def check_needs(root, stage: str) -> None:

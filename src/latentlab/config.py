@@ -72,8 +72,6 @@ class FlowConfig:
     guidance: float = 1.4         # classifier-free guidance scale for digit samples (1 = none, 0 = ignore digit)
     solver: str = "heun"          # fixed-step ODE solver: "euler", "midpoint" or "heun"
     ode_steps: int = 8            # solver steps from noise to code
-    sweep_samples: int = 1000     # samples per point of the evaluation's ODE-steps / guidance sweep (at most
-                                  # evaluation.samples)
     log_every: int = 100          # loss history resolution (steps per recorded mean)
 
 
@@ -94,6 +92,7 @@ class EvaluationConfig:
     gmm_fit_limit: int = 20_000   # codes the all-digit mixture is fitted on (a seeded subset of the 55k)
     gmm_tol: float = 0.01         # EM stops when the mean log-likelihood gains less: 80 components on 20k codes
                                   # stop after 16 iterations instead of 54 (3x faster), validation -55.62 vs -55.60
+    flow_sweep_samples: int = 1000  # flow samples per point of the ODE-steps / guidance sweep (at most `samples`)
 
 
 @dataclass
@@ -122,9 +121,9 @@ QUICK = {
     "fewshot": {"draws": 2, "epochs": 40, "train_limit": 5_000, "end_to_end_draws": 1, "curve_every": 10},
     "gan": {"steps": 1000},
     "cgan": {"steps": 1000},
-    "flow": {"steps": 400, "sweep_samples": 200},
+    "flow": {"steps": 400},
     "interpolation": {"pairs": 50},
-    "evaluation": {"samples": 1000, "gmm_components": 10, "gmm_components_per_digit": 4, "gmm_fit_limit": 3000},
+    "evaluation": {"samples": 1000, "flow_sweep_samples": 200, "gmm_components": 10, "gmm_components_per_digit": 4, "gmm_fit_limit": 3000},
 }
 
 

@@ -49,7 +49,7 @@ KINDS = ("linear", "spherical")
 ENDPOINTS = ("two digits", "two test images")   # conditional GAN samples, or real test images through the AE
 SCALE, GAP = 3, 2           # the grid draws each digit 3x larger (nearest pixel) with 2-pixel grey gaps
 GAP_GREY = 90
-CHECKPOINTS = ("autoencoder", "classifier", "gan", "cgan", "flow")
+CHECKPOINTS = ("autoencoder", "classifier", "gan", "cgan")   # and flow.pt, where the run has one
 MODELS = ("GAN", "flow")    # which generator draws: the GANs, or the latent flow (guided to a digit, or no digit)
 
 
@@ -81,6 +81,15 @@ def one_of(value, name: str, options) -> str:
     return value
 
 
+def chosen_model(models, value) -> str:
+    """GAN or flow; the flow only where the run has one (runs from before it, or a stopped `latentlab run`)."""
+    model = one_of(value, "model", MODELS)
+    if model == "flow" and models.flow is None:
+        raise LatentlabError(f"model flow: this run has no flow; train it with `latentlab train-flow --run "
+                             f"{models.run.root}`")
+    return model
+
+
 def parse_digit(value, name: str = "digit", *, allow_any: bool = True) -> int | None:
     """'any' -> None (only where allowed); '0'-'9' or 0-9 -> that int."""
     if allow_any and value == "any":
@@ -96,7 +105,7 @@ class DemoModels:
     autoencoder: torch.nn.Module
     gan: LatentGAN              # plain: "any" digit
     cgan: LatentGAN             # conditional: the digit asked for
-    flow: latent_flow.LatentFlow  # either: guided to the digit asked for, or with no digit for "any"
+    flow: latent_flow.LatentFlow | None  # guided to the digit asked for, or no digit for "any"; None: none trained
     classifier: torch.nn.Module
     test_images: np.ndarray     # uint8 (N, 28, 28), ink 255
     test_labels: np.ndarray
@@ -125,7 +134,7 @@ def load_models(run_dir) -> DemoModels:
     codes = encode(autoencoder.encoder, ctx.images("test")).numpy()
     pca = PCA(n_components=2, svd_solver="full").fit(codes)  # deterministic, and fast on 10k codes
     return DemoModels(
-        run=run, autoencoder=autoencoder, gan=gan, cgan=cgan, flow=latent_flow.load_flow(run), classifier=classifier,
+        run=run, autoencoder=autoencoder, gan=gan, cgan=cgan, flow=latent_flow.load_flow(run) if (run.checkpoints / "flow.pt").is_file() else None, classifier=classifier,
         test_images=ctx.dataset.test_images, test_labels=ctx.dataset.test_labels, pca=pca,
         test_points=pca.transform(codes), metrics=run.metrics(),
         downloads=Path(tempfile.mkdtemp(prefix="latentlab-demo-")),
@@ -166,7 +175,7 @@ def generate(models: DemoModels, digit, count, seed, model="GAN") -> dict:
     digit = parse_digit(digit)
     count = whole_number(count, "how many", 1, MAX_COUNT)
     seed = whole_number(seed, "seed", 0, MAX_SEED)
-    model = one_of(model, "model", MODELS)
+    model = chosen_model(models, model)
     if model == "flow":
         images = latent_flow.sample_images(models.flow, models.autoencoder.decoder, count, digit=digit, seed=seed)
     else:
@@ -208,7 +217,7 @@ def interpolate_row(models: DemoModels, endpoints, first, second, steps, kind, s
     steps = whole_number(steps, "steps", MIN_STEPS, MAX_STEPS)
     kind = one_of(kind, "interpolation", KINDS)
     seed = whole_number(seed, "seed", 0, MAX_SEED)
-    model = one_of(model, "model", MODELS)
+    model = chosen_model(models, model)
     if endpoints == "two digits":
         a, b = parse_digit(first, "first digit", allow_any=False), parse_digit(second, "second digit", allow_any=False)
         if model == "flow":

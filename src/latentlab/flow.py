@@ -127,8 +127,10 @@ def train_flow(cfg: FlowConfig, codes: torch.Tensor, labels: torch.Tensor, *, se
         optimizer.step()
         schedule.step()
         with torch.no_grad():
+            # warm-up: a short run's average must not keep the random initial weights (0.999 ** 400 = 67%)
+            decay = min(cfg.ema, (1 + step) / (10 + step))
             for average, current in averaged:
-                average.lerp_(current, 1 - cfg.ema)
+                average.lerp_(current, 1 - decay)
             running += loss.detach()
         if step % cfg.log_every == 0 or step == cfg.steps:
             mean = running.item() / ((step - 1) % cfg.log_every + 1)   # one host sync per log_every steps
@@ -238,6 +240,10 @@ def load_flow(run: Run, device="cpu") -> LatentFlow:
     except (KeyError, TypeError, ValueError):
         raise LatentlabError(f"{run.checkpoints / 'flow.pt'}: sampling settings missing or unreadable; retrain it "
                              f"with `latentlab train-flow --run {run.root} --force`") from None
+    embed_dim = model.embed_dim
+    if embed_dim < 2 or embed_dim % 2:  # sine and cosine halves: an odd size builds, then fails in the first pass
+        raise LatentlabError(f"{run.checkpoints / 'flow.pt'}: embed_dim={embed_dim} must be even; retrain it with "
+                             f"`latentlab train-flow --run {run.root} --force`")
     if solver not in SOLVERS or not 1 <= ode_steps <= 1000 or not 0 <= guidance <= 20:
         raise LatentlabError(f"{run.checkpoints / 'flow.pt'}: sampling settings out of range (solver {solver!r}, "
                              f"{ode_steps} steps, guidance {guidance:g})")
@@ -331,12 +337,14 @@ def evaluate_flow(ctx, classifier, real, floor: dict, baselines: dict, gans: dic
     codes, flow_none_seconds = _seconds(lambda: generate_codes(flow, noise))
     unconditional = {"accuracy": None, "accuracy_per_digit": None, "min_digit_accuracy": None,
                      **unconditional_quality(classifier, real, images(codes))}
-    gan_noise = torch.randn(count, gans["cgan"].noise_dim, generator=torch.Generator().manual_seed(0))
-    _, cgan_seconds = _seconds(lambda: gan_codes(gans["cgan"], gan_noise, digit_tensor))
-    _, gan_seconds = _seconds(lambda: gan_codes(gans["gan"], gan_noise[:, :gans["gan"].noise_dim]))
+    def gan_noise(gan):  # each GAN its own width of noise
+        return torch.randn(count, gan.noise_dim, generator=torch.Generator().manual_seed(0))
+
+    _, cgan_seconds = _seconds(lambda: gan_codes(gans["cgan"], gan_noise(gans["cgan"]), digit_tensor))
+    _, gan_seconds = _seconds(lambda: gan_codes(gans["gan"], gan_noise(gans["gan"])))
 
     # the sweep: Frechet distance (and accuracy) of digit samples on a smaller sample, one setting varied at a time
-    n = min(ctx.config.flow.sweep_samples, count)
+    n = min(cfg.flow_sweep_samples, count)
     sweep_digits = digits[:n]
     sweep_noise = draw_noise(n, flow.latent_dim, sub_seed(seed, "flow-sweep"))
 

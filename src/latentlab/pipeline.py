@@ -356,3 +356,6 @@ class Schedule:
         if process is not None and process.is_alive():
             process.terminate()
             process.join(5)
+        watcher = self.watcher
+        if watcher is not None:  # a stage beside that had just finished: let its record be written
+            watcher.join(5)
