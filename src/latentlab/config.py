@@ -69,7 +69,7 @@ class FlowConfig:
     label_dropout: float = 0.5    # share of training codes shown as "no digit", so one net samples any digit too
     time_sampling: str = "logit_normal"  # training times: "uniform" in [0, 1], or sigmoid of a standard normal
     ema: float = 0.999            # keep an exponential moving average of the weights (0 = the last step's)
-    guidance: float = 1.4         # classifier-free guidance scale for digit samples (1 = none, 0 = ignore digit)
+    guidance: float = 1.5         # classifier-free guidance scale for digit samples (1 = none, 0 = ignore digit)
     solver: str = "heun"          # fixed-step ODE solver: "euler", "midpoint" or "heun"
     ode_steps: int = 8            # solver steps from noise to code
     log_every: int = 100          # loss history resolution (steps per recorded mean)
