@@ -9,18 +9,13 @@ from latentlab import figures
 from latentlab.config import AutoencoderConfig
 from latentlab.context import Context, set_threads, write_codes
 from latentlab.errors import LatentlabError
-from latentlab.models import Autoencoder, CodeStats, batched, device_of
+from latentlab.models import Autoencoder, CodeStats, batched, decode, device_of
 from latentlab.runfolder import Run
 
 
 def encode(encoder, images: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
     """Images (N, 1, 28, 28) -> codes (N, latent_dim), on the encoder's device."""
     return batched(encoder.eval(), images, device_of(encoder), batch_size)
-
-
-def decode(decoder, codes: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
-    """Codes (N, latent_dim) -> images (N, 1, 28, 28) in [0, 1], on the decoder's device."""
-    return batched(decoder.eval(), codes, device_of(decoder), batch_size)
 
 
 @torch.no_grad()

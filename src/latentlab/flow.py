@@ -23,7 +23,7 @@ from torch import nn
 from latentlab import pixels
 from latentlab.config import FlowConfig
 from latentlab.errors import LatentlabError
-from latentlab.models import CodeStats, batched, device_of
+from latentlab.models import CodeStats, decode, device_of
 from latentlab.runfolder import Run
 
 NUM_CLASSES = 10
@@ -211,7 +211,7 @@ def sample_images(flow: LatentFlow, decoder, count: int, *, digit=None, seed: in
     """
     digits = None if digit is None else torch.as_tensor(digit).long().expand(count)
     codes = generate_codes(flow, draw_noise(count, flow.latent_dim, seed), digits, **sampling)
-    return pixels.to_uint8(batched(decoder.eval(), codes, device_of(decoder), 5000))
+    return pixels.to_uint8(decode(decoder, codes, 5000))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -314,7 +314,6 @@ def evaluate_flow(ctx, classifier, real, floor: dict, baselines: dict, gans: dic
     Both quality sections carry cgan.quality's keys; with no digit asked for, the accuracy keys are null.
     """
     from latentlab import figures
-    from latentlab.autoencoder import decode
     from latentlab.context import sub_seed
     from latentlab.evaluate import conditional_quality, embed, unconditional_quality
     from latentlab.gan import generate_codes as gan_codes

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from latentlab import pixels
 from latentlab.config import GANConfig
 from latentlab.errors import LatentlabError
-from latentlab.models import Autoencoder, CodeStats, Discriminator, Generator, batched, device_of
+from latentlab.models import Autoencoder, CodeStats, Discriminator, Generator, decode, device_of
 from latentlab.runfolder import Run
 
 NUM_CLASSES = 10
@@ -241,7 +241,7 @@ def sample_images(gan: LatentGAN, decoder, count: int, *, digit=None, seed: int 
     elif digit is not None:
         raise LatentlabError("the plain GAN cannot be asked for a digit; use the conditional GAN")
     codes = generate_codes(gan, noise, labels)
-    return pixels.to_uint8(batched(decoder.eval(), codes, device_of(decoder), 5000))
+    return pixels.to_uint8(decode(decoder, codes, 5000))
 
 
 def check_fits_autoencoder(run: Run, name: str, latent_dim: int, command: str) -> None:

@@ -17,6 +17,11 @@ def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def decode(decoder, codes: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
+    """Codes (N, latent_dim) -> images (N, 1, 28, 28) in [0, 1], on the decoder's device."""
+    return batched(decoder.eval(), codes, device_of(decoder), batch_size)
+
+
 @dataclass
 class CodeStats:
     """Per-dimension mean and std of the training codes: the generators work in standardised codes."""
