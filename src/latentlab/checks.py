@@ -349,6 +349,18 @@ def check_checkpoint(path, checkpoint: dict, kind: str) -> None:
             raise LatentlabError(f"{path}: weight {name} holds NaN or infinite values")
     if kind in ("gan", "cgan") and args.get("num_classes") != (10 if kind == "cgan" else 0):
         raise LatentlabError(f"{path}: num_classes={args.get('num_classes')} does not fit a {kind} checkpoint")
+    if kind == "flow":  # what its config had to be: an odd embedding builds, then fails in the first pass
+        retrain = f"retrain it with `latentlab train-flow --run {Path(path).parent.parent} --force`"
+        if not isinstance(args.get("embed_dim"), int) or args["embed_dim"] < 2 or args["embed_dim"] % 2:
+            raise LatentlabError(f"{path}: embed_dim={args.get('embed_dim')} must be even; {retrain}")
+        sampling = checkpoint.get("sampling")
+        if not isinstance(sampling, dict) or not {"guidance", "solver", "ode_steps"} <= set(sampling):
+            raise LatentlabError(f"{path}: sampling settings missing or unreadable; {retrain}")
+        for key in ("guidance", "solver", "ode_steps"):
+            try:
+                check_value(f"sampling.{key}", sampling[key], FIELDS["flow"][key])
+            except LatentlabError as e:
+                raise LatentlabError(f"{path}: {e}") from None
     # the code statistics: the GANs' scale, kept by the autoencoder too (older AE checkpoints lack them)
     if kind in ("gan", "cgan", "flow") or (kind == "autoencoder" and "code_mean" in checkpoint):
         latent = args.get("latent_dim")

@@ -233,23 +233,13 @@ def load_flow(run: Run, device="cpu") -> LatentFlow:
     """The run's flow, checked (kind, weights, code statistics, sampling settings) and fitted to its autoencoder."""
     from latentlab.gan import check_fits_autoencoder
 
-    model, ckpt = run.load_model("flow", VelocityField, "train-flow")  # kind, arguments, weights, statistics
-    sampling = ckpt.get("sampling")
-    try:
-        guidance, solver, ode_steps = float(sampling["guidance"]), str(sampling["solver"]), int(sampling["ode_steps"])
-    except (KeyError, TypeError, ValueError):
-        raise LatentlabError(f"{run.checkpoints / 'flow.pt'}: sampling settings missing or unreadable; retrain it "
-                             f"with `latentlab train-flow --run {run.root} --force`") from None
-    embed_dim = model.embed_dim
-    if embed_dim < 2 or embed_dim % 2:  # sine and cosine halves: an odd size builds, then fails in the first pass
-        raise LatentlabError(f"{run.checkpoints / 'flow.pt'}: embed_dim={embed_dim} must be even; retrain it with "
-                             f"`latentlab train-flow --run {run.root} --force`")
-    if solver not in SOLVERS or not 1 <= ode_steps <= 1000 or not 0 <= guidance <= 20:
-        raise LatentlabError(f"{run.checkpoints / 'flow.pt'}: sampling settings out of range (solver {solver!r}, "
-                             f"{ode_steps} steps, guidance {guidance:g})")
+    # checked there: kind, arguments, weights, code statistics and sampling settings (checks.check_checkpoint)
+    model, ckpt = run.load_model("flow", VelocityField, "train-flow")
     check_fits_autoencoder(run, "flow", model.latent_dim, "train-flow")
     stats = CodeStats(ckpt["code_mean"].float().to(device), ckpt["code_std"].float().to(device))
-    return LatentFlow(model.to(device), stats, guidance, solver, ode_steps)
+    sampling = ckpt["sampling"]
+    return LatentFlow(model.to(device), stats, float(sampling["guidance"]), sampling["solver"],
+                      sampling["ode_steps"])
 
 
 # ---------------------------------------------------------------------------------------------------------
