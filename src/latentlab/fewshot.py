@@ -295,11 +295,12 @@ def poisson_labels(weights, draws: list[np.ndarray], labelled: list[np.ndarray],
         block = u[:, start:start + len(classes)]
         start += len(classes)
         scores = (block - block.min()) / (block.max() - block.min())  # graphlearning's normalisation
-        w = balance_weights(scores, np.bincount(local) / len(local))
+        priors = np.bincount(local) / len(local)
+        w = balance_weights(scores, priors)
         # The same pull towards equal class sizes: the digits are about equally frequent, whereas a random
         # draw's label frequencies are a noisy guess (on balanced draws the two are the same).
         equal = np.full(len(classes), 1 / len(classes))
-        uniform = w if np.array_equal(np.bincount(local) / len(local), equal) else balance_weights(scores, equal)
+        uniform = w if np.array_equal(priors, equal) else balance_weights(scores, equal)
         results.append({"poisson": classes[np.argmax(scores, axis=1)],
                         "poisson_balanced": classes[np.argmax(scores * w ** balance, axis=1)],
                         "poisson_uniform": classes[np.argmax(scores * uniform ** balance, axis=1)],

@@ -315,6 +315,7 @@ def evaluate_flow(ctx, classifier, real, floor: dict, baselines: dict, gans: dic
 
     def images(codes):
         return pixels.to_uint8(decode(decoder, codes))
+
     digits = np.arange(count) % 10
     digit_tensor = torch.from_numpy(digits).long()
 
@@ -326,6 +327,7 @@ def evaluate_flow(ctx, classifier, real, floor: dict, baselines: dict, gans: dic
     codes, flow_none_seconds = _seconds(lambda: generate_codes(flow, noise))
     unconditional = {"accuracy": None, "accuracy_per_digit": None, "min_digit_accuracy": None,
                      **unconditional_quality(classifier, real, images(codes))}
+
     def gan_noise(gan):  # each GAN its own width of noise
         return torch.randn(count, gan.noise_dim, generator=torch.Generator().manual_seed(0))
 
@@ -366,7 +368,8 @@ def evaluate_flow(ctx, classifier, real, floor: dict, baselines: dict, gans: dic
         "no_digit_recall_at_least_0.7": unconditional["recall"] >= TARGETS["recall"],
         "no_digit_shares_within_8_12_percent": all(low <= s <= high for s in unconditional["class_histogram"]),
     }
-    train = {name: ctx.run.metrics().get(name, {}).get("train_seconds") for name in ("gan", "cgan", "flow")}
+    metrics = ctx.run.metrics()
+    train = {name: metrics.get(name, {}).get("train_seconds") for name in ("gan", "cgan", "flow")}
     return {
         "quality": quality, "quality_unconditional": unconditional,
         "sweep": {"samples": n, "solver": flow.solver, "guidance": flow.guidance, "ode_steps": flow.ode_steps,
