@@ -9,20 +9,21 @@ from latentlab import figures
 from latentlab.config import AutoencoderConfig
 from latentlab.context import Context, set_threads, write_codes
 from latentlab.errors import LatentlabError
-from latentlab.models import Autoencoder, CodeStats, batched, decode, device_of
+from latentlab.models import Autoencoder, CodeStats, batched, decode, device_of, inference_batch
 from latentlab.runfolder import Run
 
 
-def encode(encoder, images: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
+def encode(encoder, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
     """Images (N, 1, 28, 28) -> codes (N, latent_dim), on the encoder's device."""
     return batched(encoder.eval(), images, device_of(encoder), batch_size)
 
 
 @torch.no_grad()
-def mean_loss(model, images: torch.Tensor, batch_size: int = 2000) -> tuple[float, float]:
+def mean_loss(model, images: torch.Tensor, batch_size: int | None = None) -> tuple[float, float]:
     """(BCE per pixel, MSE per pixel) of the reconstructions of `images`, on the model's device."""
     model.eval()
     device = device_of(model)
+    batch_size = batch_size or inference_batch(device)
     bce = mse = torch.zeros((), device=device)
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(device)

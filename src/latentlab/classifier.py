@@ -18,22 +18,22 @@ from latentlab.models import DigitClassifier, batched, device_of
 from latentlab.runfolder import Run
 
 
-def _batched(fn, model: DigitClassifier, images, batch_size: int) -> torch.Tensor:
+def _batched(fn, model: DigitClassifier, images, batch_size: int | None) -> torch.Tensor:
     """fn over images (uint8 arrays or float tensors, anywhere) on the model's device; results stay there."""
     return batched(fn, pixels.to_float(images), device_of(model.eval()), batch_size)
 
 
-def predict_proba(model: DigitClassifier, images, batch_size: int = 2000) -> np.ndarray:
+def predict_proba(model: DigitClassifier, images, batch_size: int | None = None) -> np.ndarray:
     """(N, 10) softmax probabilities."""
     return _batched(lambda x: model(x).softmax(dim=1), model, images, batch_size).cpu().numpy()
 
 
-def features(model: DigitClassifier, images, batch_size: int = 2000) -> torch.Tensor:
+def features(model: DigitClassifier, images, batch_size: int | None = None) -> torch.Tensor:
     """(N, F) penultimate activations, on the model's device (for Frechet distance and precision/recall)."""
     return _batched(model.features, model, images, batch_size)
 
 
-def features_and_proba(model: DigitClassifier, images, batch_size: int = 2000) -> tuple[torch.Tensor, np.ndarray]:
+def features_and_proba(model: DigitClassifier, images, batch_size: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """`features` and `predict_proba` in one pass: the head applied to the penultimate features gives the logits."""
     feats = features(model, images, batch_size)
     with torch.no_grad():

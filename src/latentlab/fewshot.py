@@ -29,7 +29,7 @@ from latentlab import figures
 from latentlab.config import FewshotConfig
 from latentlab.context import Context, set_threads, sub_seed
 from latentlab.errors import LatentlabError
-from latentlab.models import batched
+from latentlab.models import batched, inference_batch
 from latentlab.runfolder import write_json
 
 # The reference report's validation accuracy of its best MLP (one draw of 50 labels).
@@ -105,11 +105,12 @@ class Stacked:
         self.optimizer.step()
 
     @torch.no_grad()
-    def predict(self, inputs: torch.Tensor, batch_size: int = 1000) -> np.ndarray:
+    def predict(self, inputs: torch.Tensor, batch_size: int | None = None) -> np.ndarray:
         """Every copy's digit for each of the shared inputs (N, ...) -> (draws, N).
 
         Copy by copy: with inputs shared by all copies, plain calls run the encoders' convolutions about 1.7x
         faster than vmap's batched form on this CPU (10 fine-tuned encoders over the 10k test images)."""
+        batch_size = batch_size or inference_batch(inputs.device)
         digits = []
         for c in range(len(next(iter(self.params.values())))):
             params = {k: v[c] for k, v in self.params.items()}

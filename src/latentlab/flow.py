@@ -211,7 +211,7 @@ def sample_images(flow: LatentFlow, decoder, count: int, *, digit=None, seed: in
     """
     digits = None if digit is None else torch.as_tensor(digit).long().expand(count)
     codes = generate_codes(flow, draw_noise(count, flow.latent_dim, seed), digits, **sampling)
-    return pixels.to_uint8(decode(decoder, codes, 5000))
+    return pixels.to_uint8(decode(decoder, codes))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -241,7 +241,7 @@ def sample_images(gan: LatentGAN, decoder, count: int, *, digit=None, seed: int 
     elif digit is not None:
         raise LatentlabError("the plain GAN cannot be asked for a digit; use the conditional GAN")
     codes = generate_codes(gan, noise, labels)
-    return pixels.to_uint8(decode(decoder, codes, 5000))
+    return pixels.to_uint8(decode(decoder, codes))
 
 
 def check_fits_autoencoder(run: Run, name: str, latent_dim: int, command: str) -> None:

@@ -8,6 +8,8 @@ They run in torch on the features' own device (numpy arrays run on the CPU). The
 import numpy as np
 import torch
 
+from latentlab.models import inference_batch
+
 
 def _as_tensor(features, dtype=torch.float64) -> torch.Tensor:
     return torch.as_tensor(np.asarray(features) if not torch.is_tensor(features) else features).to(dtype)
@@ -55,14 +57,16 @@ def _pairwise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cdist(a.float(), b.float())
 
 
-def knn_radii(features, k: int, batch_size: int = 1000) -> torch.Tensor:
+def knn_radii(features, k: int, batch_size: int | None = None) -> torch.Tensor:
     """Distance from each point to its k-th nearest other point of the same set."""
     x = _as_tensor(features, torch.float32)
+    batch_size = batch_size or inference_batch(x.device)
     return torch.cat([_pairwise(x[i:i + batch_size], x).topk(k + 1, dim=1, largest=False).values[:, k]
                       for i in range(0, len(x), batch_size)])  # column 0 is the point itself
 
 
-def _precision_recall(real, real_radii, fake, fake_radii, batch_size: int) -> dict:
+def _precision_recall(real, real_radii, fake, fake_radii, batch_size: int | None) -> dict:
+    batch_size = batch_size or inference_batch(fake.device)
     fake_inside = torch.zeros(len(fake), dtype=torch.bool, device=fake.device)
     real_inside = torch.zeros(len(real), dtype=torch.bool, device=real.device)
     for start in range(0, len(fake), batch_size):  # (batch, N_real) distances at a time: bounded memory
@@ -72,7 +76,7 @@ def _precision_recall(real, real_radii, fake, fake_radii, batch_size: int) -> di
     return {"precision": float(fake_inside.float().mean()), "recall": float(real_inside.float().mean())}
 
 
-def precision_recall(real_features, fake_features, k: int = 3, batch_size: int = 1000) -> dict:
+def precision_recall(real_features, fake_features, k: int = 3, batch_size: int | None = None) -> dict:
     """Improved precision and recall (Kynkaanniemi et al. 2019).
 
     Each set's manifold is the union of balls around its points reaching their k-th nearest neighbour.
@@ -87,7 +91,7 @@ def precision_recall(real_features, fake_features, k: int = 3, batch_size: int =
 class Reference:
     """A real feature set prepared once for many comparisons: its mean, covariance and k-NN radii."""
 
-    def __init__(self, features, k: int = 3, batch_size: int = 1000):
+    def __init__(self, features, k: int = 3, batch_size: int | None = None):
         self.features = _as_tensor(features, torch.float32)
         self.k, self.batch_size = k, batch_size
         self.mean, self.cov = _mean_cov(self.features.double())

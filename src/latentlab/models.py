@@ -6,9 +6,17 @@ import torch
 from torch import nn
 
 
+def inference_batch(device) -> int:
+    """Inputs per forward pass without gradients. A GPU wants large batches. On the CPU a conv layer's
+    activations must stay under glibc's 32 MB mmap threshold: larger blocks are mapped and zeroed afresh on
+    every call (2000 images per pass encoded and classified 2.3x slower than 256, most of it system time)."""
+    return 4096 if torch.device(device).type == "cuda" else 256
+
+
 @torch.no_grad()
-def batched(fn, inputs: torch.Tensor, device, batch_size: int = 2000) -> torch.Tensor:
+def batched(fn, inputs: torch.Tensor, device, batch_size: int | None = None) -> torch.Tensor:
     """fn over `inputs` in batches on `device`, without gradients; the results stay on `device`."""
+    batch_size = batch_size or inference_batch(device)
     return torch.cat([fn(inputs[i:i + batch_size].to(device, non_blocking=True))
                       for i in range(0, len(inputs), batch_size)])
 
@@ -17,7 +25,7 @@ def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def decode(decoder, codes: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
+def decode(decoder, codes: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
     """Codes (N, latent_dim) -> images (N, 1, 28, 28) in [0, 1], on the decoder's device."""
     return batched(decoder.eval(), codes, device_of(decoder), batch_size)
 
