@@ -7,7 +7,8 @@ stages it reads, and its outputs exist. So a changed setting redoes that stage a
 flight: a stage's record is written after its files.
 
 `run_all` runs stages whose inputs are ready two at a time: one in this process, one in a child process
-(spawned, so it shares no threads or CUDA state with this one). Both take one CPU thread each then, which is
+(spawned once per run, so it shares no threads or CUDA state with this one; it takes the stages beside in
+turn). Both take one CPU thread each then, which is
 where small networks are fastest anyway; the child's results come back as data and only this process writes
 metrics.json and stages.json, under a lock.
 """
@@ -233,8 +234,10 @@ def label(name: str) -> str:
 
 # ---- a stage in a child process ------------------------------------------------------------------------
 
-def _child(run_root: str, config_values: dict, device: str, name: str, connection) -> None:
-    """Run one stage in a spawned process and send back ("ok", sections, seconds, peak MB) or the error."""
+def _child(run_root: str, config_values: dict, device: str, connection) -> None:
+    """The process beside: runs the stages it is sent, one at a time, until it is sent None. For each it sends
+    back ("ok", sections, seconds, peak MB, CPU seconds) or the error. One process for every stage beside:
+    starting one per stage cost about 2 s each (torch's import, the data) on 2 cores."""
     try:  # die with the parent: a killed run must not leave a stage writing into its folder
         import ctypes
         import signal
@@ -244,17 +247,19 @@ def _child(run_root: str, config_values: dict, device: str, name: str, connectio
         pass
     os.environ["TQDM_POSITION"] = "1"  # its progress bar under the parent's
     try:
-        config = from_dict(config_values)
-        ctx = Context(run=Run(run_root), config=config, device=resolve_device(device), threads=1)
-        start, cpu_start = time.perf_counter(), time.process_time()
-        sections = stage_function(name)(ctx)
-        connection.send(("ok", sections, time.perf_counter() - start, peak_rss_mb(), time.process_time() - cpu_start))
-    except LatentlabError as e:
-        connection.send(("error", str(e), e.sections))
-    except KeyboardInterrupt:
+        ctx = Context(run=Run(run_root), config=from_dict(config_values), device=resolve_device(device), threads=1)
+        while (name := connection.recv()) is not None:
+            try:
+                start, cpu_start = time.perf_counter(), time.process_time()
+                sections = stage_function(name)(ctx)
+                connection.send(("ok", sections, time.perf_counter() - start, peak_rss_mb(),
+                                 time.process_time() - cpu_start))
+            except LatentlabError as e:
+                connection.send(("error", str(e), e.sections))
+            except Exception:  # a bug: bring its traceback back to the parent
+                connection.send(("crash", traceback.format_exc(), None))
+    except (KeyboardInterrupt, EOFError, BrokenPipeError):  # Ctrl-C, or the parent went away
         pass
-    except BaseException:  # a bug: bring its traceback back to the parent
-        connection.send(("crash", traceback.format_exc(), None))
     finally:
         connection.close()
 
@@ -267,7 +272,7 @@ class Schedule:
         self.pipeline, self.todo, self.done, self.beside = pipeline, list(todo), set(done), beside
         self.condition = threading.Condition()  # guards everything below; the watcher thread notifies it
         self.main_threads = 0                   # threads of the stage running here (0: none)
-        self.process = self.watcher = None
+        self.process = self.connection = self.watcher = None  # the child process beside, its pipe, its waiter
         self.failure: BaseException | None = None
 
     def _take(self, order: tuple[str, ...], only: bool = False) -> str | None:
@@ -305,18 +310,21 @@ class Schedule:
                 self.done.add(name)
 
     def _start_beside(self) -> None:
-        """Start the next stage allowed beside, if one is ready (under the lock)."""
+        """Send the next stage allowed beside to the child process, if one is ready (under the lock)."""
         name = self._take(BESIDE_ORDER, only=True)
         if name is None:
             return
-        receive, send = multiprocessing.get_context("spawn").Pipe(duplex=False)
-        p = self.pipeline
-        self.process = multiprocessing.get_context("spawn").Process(
-            target=_child, args=(str(p.run.root), to_dict(p.config), str(p.ctx.device), name, send), daemon=True)
-        self.process.start()
-        send.close()
+        if self.process is None:  # started once, on first need: a run with nothing to do beside spawns nothing
+            context = multiprocessing.get_context("spawn")
+            self.connection, child_end = context.Pipe()
+            p = self.pipeline
+            self.process = context.Process(target=_child, args=(str(p.run.root), to_dict(p.config),
+                                                                str(p.ctx.device), child_end), daemon=True)
+            self.process.start()
+            child_end.close()
+        self.connection.send(name)
         tqdm.write(f"{label(name)}: running beside")
-        self.watcher = threading.Thread(target=self._watch, args=(name, receive, self.process), daemon=True)
+        self.watcher = threading.Thread(target=self._watch, args=(name, self.connection, self.process), daemon=True)
         self.watcher.start()
 
     def _watch(self, name: str, receive, process) -> None:
@@ -325,8 +333,8 @@ class Schedule:
             try:
                 result = receive.recv()
             except EOFError:  # the child died without a word (killed, out of memory)
+                process.join()
                 result = ("crash", f"the process running this stage died (exit code {process.exitcode})", None)
-            process.join()
             if result[0] == "ok":
                 _, sections, seconds, peak_mb, cpu_seconds = result
                 self.pipeline.record(name, sections, seconds, peak_mb, cpu_seconds, beside=True)
@@ -351,11 +359,19 @@ class Schedule:
                 self.condition.notify_all()
 
     def stop(self) -> None:
-        """On the way out (an error or Ctrl-C here): end a stage still running beside; its work is lost."""
+        """On the way out: let an idle child process end; end one still running a stage (after an error or
+        Ctrl-C here), whose work is lost."""
         process = self.process
         if process is not None and process.is_alive():
-            process.terminate()
-            process.join(5)
+            if not self.side_busy:
+                try:
+                    self.connection.send(None)
+                    process.join(5)
+                except OSError:
+                    pass
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
         watcher = self.watcher
         if watcher is not None:  # a stage beside that had just finished: let its record be written
             watcher.join(5)
