@@ -82,6 +82,21 @@ def test_training_is_reproducible_from_its_seed():
         assert torch.equal(a, b)
 
 
+def test_the_average_of_a_short_run_is_not_its_random_start():
+    """The kept generator (EMA 0.999) of a 40-step run sits near the last weights, not the initial ones."""
+    codes = torch.randn(500, 8, generator=torch.Generator().manual_seed(0))
+    cfg = GANConfig(steps=40, noise_dim=4, hidden=16, batch_size=32, log_every=10, checkpoint_every=40)
+    averaged, _ = train_gan(cfg, codes, seed=3)
+    last, _ = train_gan(GANConfig(**{**cfg.__dict__, "ema": 0.0}), codes, seed=3)
+    torch.manual_seed(3)
+    start = gan_module.Generator(4, 8, 16, 0)
+
+    def distance(a, b):
+        return sum((p - q).norm() ** 2 for p, q in zip(a.parameters(), b.parameters())).sqrt()
+
+    assert distance(averaged, last) < 0.5 * distance(averaged, start)
+
+
 def test_absurd_learning_rate_stops_with_one_line_and_status_2(tiny_run, tmp_path, capsys):
     run = copy_run(tiny_run, tmp_path)
     code = main(["train-gan", "--run", str(run.root), "--set", "gan.steps=50", "--set", "gan.batch_size=64",
