@@ -41,8 +41,7 @@ def train_autoencoder(cfg: AutoencoderConfig, train: torch.Tensor, val: torch.Te
     The images are moved to `device` once; the loss stays there and is read once an epoch.
     """
     torch.manual_seed(seed)
-    # channels_last: the layout oneDNN's and cuDNN's fastest convolution kernels want
-    model = Autoencoder(latent_dim=cfg.latent_dim, width=cfg.width).to(device, memory_format=torch.channels_last)
+    model = Autoencoder(latent_dim=cfg.latent_dim, width=cfg.width).to(device)  # conv weights channels-last (models.py)
     train, val = train.to(device), val.to(device)
     steps_per_epoch = len(train) // cfg.batch_size
     if steps_per_epoch < 1:

@@ -49,8 +49,7 @@ def train_classifier(cfg: ClassifierConfig, train: torch.Tensor, train_labels: n
                      val_labels: np.ndarray, *, seed: int, device=torch.device("cpu")) -> tuple[DigitClassifier, dict]:
     """Adam with a one-cycle learning rate on cross-entropy; returns the model and per-epoch validation accuracy."""
     torch.manual_seed(seed)
-    # channels_last: the layout oneDNN's and cuDNN's fastest convolution kernels want (1.5x here on the CPU)
-    model = DigitClassifier(width=cfg.width).to(device, memory_format=torch.channels_last)
+    model = DigitClassifier(width=cfg.width).to(device)  # conv weights channels-last (models.py)
     steps_per_epoch = len(train) // cfg.batch_size
     if steps_per_epoch < 1:
         raise LatentlabError(f"classifier: batch size {cfg.batch_size} is larger than the {len(train)} training images")
