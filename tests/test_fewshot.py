@@ -22,6 +22,7 @@ def fewshot_config(**changes):
     config = tiny_config()
     cfg = config.fewshot
     cfg.draws, cfg.epochs, cfg.curve_every, cfg.curve_images, cfg.train_limit = 2, 4, 2, 200, 3000
+    cfg.self_train_epochs = 1  # the self-trained CNN too, so that the no-leak test covers it
     for key, value in changes.items():
         setattr(cfg, key, value)
     return config
@@ -114,8 +115,11 @@ def test_metrics_figures_and_saved_draws(first):
     for name in ("poisson", "deskew_poisson", "deskew_poisson_balanced"):
         assert fs["methods"][name]["family"] == "graph" and fs["methods"][name]["uses_unlabelled_codes"] is True
     assert [a["method"] for a in fs["ablation"]] == ["logistic_regression", "poisson", "poisson_balanced",
-                                                     "deskew_poisson", "deskew_poisson_balanced"]
+                                                     "deskew_poisson", "deskew_poisson_balanced", "deskew_poisson_cnn"]
     assert all(a["seconds"] >= 0 for a in fs["ablation"]) and fs["ablation"][3]["seconds"] > 0
+    cnn = fs["methods"]["deskew_poisson_cnn"]
+    assert cnn["family"] == "self-training" and cnn["uses_unlabelled_codes"] and len(cnn["per_draw"]) == 2
+    assert fs["ablation"][-1]["seconds"] > fs["ablation"][3]["seconds"]  # the graph it learns from, and its training
     # on balanced draws the label frequencies are uniform: both balancing targets are the same
     assert fs["methods"]["deskew_poisson_uniform"]["per_draw"] == fs["methods"]["deskew_poisson_balanced"]["per_draw"]
     assert fs["best_method"] in fs["methods"]
@@ -169,10 +173,15 @@ def test_no_classifier_sees_more_than_the_drawn_labels(first, tiny_run, tmp_path
     graph_sizes = []  # every graph is built on the training codes alone: no validation or test image in it
     real_graph = fewshot.code_graph
     monkeypatch.setattr(fewshot, "code_graph", lambda codes, k: graph_sizes.append(len(codes)) or real_graph(codes, k))
+    cnn_training_sets = []  # the self-trained CNN learns from the training images alone
+    real_train = fewshot.train_classifier
+    monkeypatch.setattr(fewshot, "train_classifier",
+                        lambda cfg, train, *args, **kw: cnn_training_sets.append(len(train)) or real_train(cfg, train, *args, **kw))
     fs2 = fewshot.stage(ctx)["fewshot"]
     assert revealed == [50, 50]
     assert graph_sizes == [3000, 3000]  # the codes' graph and the deskewed codes' graph
-    assert {"deskew_poisson", "deskew_poisson_balanced"} <= set(fs2["methods"])
+    assert cnn_training_sets == [3000, 3000]
+    assert {"deskew_poisson", "deskew_poisson_balanced", "deskew_poisson_cnn"} <= set(fs2["methods"])
     assert {n: m["per_draw"] for n, m in fs2["methods"].items()} == {n: m["per_draw"] for n, m in fs["methods"].items()}
 
 
@@ -182,9 +191,10 @@ def test_random_draw_runs_even_when_a_digit_is_missing(tiny_run, tmp_path, monke
         return np.sort(np.random.default_rng(seed).choice(np.flatnonzero(train_labels != 7), 50, replace=False))
 
     monkeypatch.setattr(fewshot, "draw_labels", without_sevens)
-    config = fewshot_config(draw="random", draws=1, epochs=1, curve_every=1)
+    config = fewshot_config(draw="random", draws=1, epochs=1, curve_every=1, self_train_epochs=0)
     fs = run_stage(copy_run(tiny_run, tmp_path, "random"), config)
     assert fs["draw"] == "random"
+    assert "deskew_poisson_cnn" not in fs["methods"]  # self-training is off unless asked for
     for name in ("poisson", "poisson_balanced", "poisson_uniform", "poisson_volume", "deskew_poisson"):
         # the test set's 7s (about 10%) cannot be right, everything else can
         assert 0.3 < fs["methods"][name]["test_accuracy"]["mean"] < 0.9

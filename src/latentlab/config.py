@@ -38,6 +38,9 @@ class FewshotConfig:
     neighbours: int = 10          # k of the kNN graph of training codes for Poisson learning
     balance: float = 0.75         # 0 = plain Poisson argmax, 1 = class sizes forced to the label frequencies
     deskew: bool = True           # also run the graph methods on codes of deskewed images (docs/fewshot_sweep.md)
+    self_train_epochs: int = 0    # > 0: also a CNN on the deskewed training images, trained this many epochs on the
+                                  # deskewed graph's labels of them (deskew_poisson_cnn); 3 epochs: +0.35 points, but
+                                  # ~50 s per draw on one CPU thread, so off by default (docs/fewshot_sweep.md)
     train_limit: int = 0          # draw labels from, and build the graph on, the first N training images; for tests
 
 

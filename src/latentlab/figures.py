@@ -134,7 +134,7 @@ def fewshot_curves(curves: dict, reference: dict, path: Path) -> Path:
 def fewshot_methods(methods: dict, reference: dict, best: str, path: Path) -> Path:
     """Mean test accuracy of every few-label method with ±1 std error bars and the worst draw."""
     names = sorted(methods, key=lambda n: methods[n]["test_accuracy"]["mean"])
-    colors = {"graph": "tab:green", "mlp": "tab:blue", "baseline": "tab:gray"}
+    colors = {"graph": "tab:green", "self-training": "tab:purple", "mlp": "tab:blue", "baseline": "tab:gray"}
     fig, ax = plt.subplots(figsize=(6.5, 0.32 * len(names) + 1.2))
     y = np.arange(len(names))
     means = [methods[n]["test_accuracy"]["mean"] for n in names]
