@@ -236,7 +236,7 @@ def label(name: str) -> str:
 # ---- a stage in a child process ------------------------------------------------------------------------
 
 def _child(run_root: str, config_values: dict, device: str, connection) -> None:
-    """The process beside: runs the stages it is sent, one at a time, until the parent ends it. For each it sends
+    """The process beside: runs the stages it is sent, one at a time, until it is sent None. For each it sends
     back ("ok", sections, seconds, peak MB, CPU seconds) or the error. One process for every stage beside:
     starting one per stage cost about 2 s each (torch's import, the data) on 2 cores."""
     try:  # die with the parent: a killed run must not leave a stage writing into its folder
@@ -249,8 +249,7 @@ def _child(run_root: str, config_values: dict, device: str, connection) -> None:
     os.environ["TQDM_POSITION"] = "1"  # its progress bar under the parent's
     try:
         ctx = Context(run=Run(run_root), config=from_dict(config_values), device=resolve_device(device), threads=1)
-        while True:
-            name = connection.recv()
+        while (name := connection.recv()) is not None:
             try:
                 start, cpu_start = time.perf_counter(), time.process_time()
                 sections = stage_function(name)(ctx)
@@ -361,13 +360,20 @@ class Schedule:
                 self.condition.notify_all()
 
     def stop(self) -> None:
-        """On the way out: end the child process. Idle (waiting for a stage), it loses nothing and ends at once,
-        where a polite exit spent 0.7 s tearing Python down; a stage still running there (after an error or
-        Ctrl-C here) loses its work."""
+        """On the way out: let an idle child process end; end one still running a stage (after an error or
+        Ctrl-C here), whose work is lost. An idle child is asked, not terminated: killed, it left tqdm's lock
+        registered and Python warned of a "leaked semaphore" at exit (its own exit costs 0.7 s)."""
         process = self.process
         if process is not None and process.is_alive():
-            process.terminate()
-            process.join(5)
+            if not self.side_busy:
+                try:
+                    self.connection.send(None)
+                    process.join(5)
+                except OSError:
+                    pass
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
         watcher = self.watcher
         if watcher is not None:  # a stage beside that had just finished: let its record be written
             watcher.join(5)
