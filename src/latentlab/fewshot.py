@@ -564,7 +564,8 @@ def stage(ctx: Context) -> dict:
                                                                                cfg.draws)},
         "best_method": best,
         "note": ("Every method is inductive: the graph holds only the training codes, and validation and test "
-                 "codes are labelled by a vote of their nearest training codes. The headline method is the best "
+                 "codes are labelled by a vote of their nearest training codes (deskew_poisson_cnn: by a CNN "
+                 "trained on the training images alone). The headline method is the best "
                  "on the validation split (the end-to-end models on the fixed validation sample of the curves); "
                  "test images are never used to choose anything."),
         "reference": {**reference, "source": "the reference report: validation accuracy, one draw of 50 labels"}
