@@ -204,7 +204,9 @@ def test_cli_draw_options_and_bad_settings():
     args = build_parser().parse_args(["fewshot", "--run", "x", "--draw", "random", "--draws", "3"])
     config = resolve_config(args)
     assert config.fewshot.draw == "random" and config.fewshot.draws == 3
-    for key, value in (("balance", 1.5), ("draws", 0), ("train_limit", -1)):
+    with pytest.raises(LatentlabError, match="fewshot.self_train_epochs=2: .* needs fewshot.deskew=true"):
+        validate(fewshot_config(self_train_epochs=2, deskew=False))
+    for key, value in (("balance", 1.5), ("draws", 0), ("train_limit", -1), ("self_train_epochs", -1)):
         config = fewshot_config(**{key: value})
         with pytest.raises(LatentlabError, match=f"fewshot.{key}"):
             validate(config)

@@ -76,7 +76,7 @@ RELATIONS = [
     "autoencoder/classifier.batch_size <= their training images (train_limit, 0 = all 55,000)",
     f"fewshot: labels_per_class <= the images of its rarest digit (balanced) or 10 x labels_per_class <= its images "
     f"(random); neighbours < its images; its images >= {VOTE_NEIGHBOURS} and > autoencoder.latent_dim "
-    "(end_to_end_draws above draws means every draw, as 0 does)",
+    "(end_to_end_draws above draws means every draw, as 0 does); self_train_epochs > 0 needs deskew",
     "flow: embed_dim even (sine and cosine halves); evaluation: k < flow_sweep_samples (at most samples are used)",
     "interpolation: 2 x pairs <= the test images (10,000); pairs x (steps - 2) <= the 5,000 validation images",
     "evaluation: k < samples <= the test images (10,000); gmm_components <= gmm_fit_limit; "
@@ -163,6 +163,9 @@ def check_fields(config: Config) -> None:
         raise LatentlabError(f"fewshot.train_limit={fs.train_limit}: the graph needs at least {least} training images "
                              f"(more than fewshot.neighbours={fs.neighbours} and autoencoder.latent_dim="
                              f"{config.autoencoder.latent_dim}, and at least {VOTE_NEIGHBOURS} to vote)")
+    if fs.self_train_epochs and not fs.deskew:
+        raise LatentlabError(f"fewshot.self_train_epochs={fs.self_train_epochs}: the CNN learns the deskewed graph's "
+                             "labels, so it needs fewshot.deskew=true")
     it = config.interpolation
     if it.pairs * (it.steps - 2) > N_VAL:
         raise LatentlabError(f"interpolation.pairs={it.pairs}, steps={it.steps}: {it.pairs * (it.steps - 2)} in-between "
