@@ -175,8 +175,8 @@ def test_no_classifier_sees_more_than_the_drawn_labels(first, tiny_run, tmp_path
     monkeypatch.setattr(fewshot, "code_graph", lambda codes, k: graph_sizes.append(len(codes)) or real_graph(codes, k))
     cnn_training_sets = []  # the self-trained CNN learns from the training images alone
     real_train = fewshot.train_classifier
-    monkeypatch.setattr(fewshot, "train_classifier",
-                        lambda cfg, train, *args, **kw: cnn_training_sets.append(len(train)) or real_train(cfg, train, *args, **kw))
+    monkeypatch.setattr(fewshot, "train_classifier", lambda cfg, train, *args, **kw:
+                        cnn_training_sets.append(len(train)) or real_train(cfg, train, *args, **kw))
     fs2 = fewshot.stage(ctx)["fewshot"]
     assert revealed == [50, 50]
     assert graph_sizes == [3000, 3000]  # the codes' graph and the deskewed codes' graph

@@ -126,7 +126,8 @@ QUICK = {
     "cgan": {"steps": 1000},
     "flow": {"steps": 400},
     "interpolation": {"pairs": 50},
-    "evaluation": {"samples": 1000, "flow_sweep_samples": 200, "gmm_components": 10, "gmm_components_per_digit": 4, "gmm_fit_limit": 3000},
+    "evaluation": {"samples": 1000, "flow_sweep_samples": 200, "gmm_components": 10, "gmm_components_per_digit": 4,
+                   "gmm_fit_limit": 3000},
 }
 
 

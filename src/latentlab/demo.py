@@ -134,7 +134,8 @@ def load_models(run_dir) -> DemoModels:
     codes = encode(autoencoder.encoder, ctx.images("test")).numpy()
     pca = PCA(n_components=2, svd_solver="full").fit(codes)  # deterministic, and fast on 10k codes
     return DemoModels(
-        run=run, autoencoder=autoencoder, gan=gan, cgan=cgan, flow=latent_flow.load_flow(run) if (run.checkpoints / "flow.pt").is_file() else None, classifier=classifier,
+        run=run, autoencoder=autoencoder, gan=gan, cgan=cgan, classifier=classifier,
+        flow=latent_flow.load_flow(run) if (run.checkpoints / "flow.pt").is_file() else None,
         test_images=ctx.dataset.test_images, test_labels=ctx.dataset.test_labels, pca=pca,
         test_points=pca.transform(codes), metrics=run.metrics(),
         downloads=Path(tempfile.mkdtemp(prefix="latentlab-demo-")),

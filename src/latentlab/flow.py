@@ -23,7 +23,7 @@ from torch import nn
 from latentlab import pixels
 from latentlab.config import FlowConfig
 from latentlab.errors import LatentlabError
-from latentlab.models import CodeStats, decode, device_of
+from latentlab.models import CodeStats, decode, device_of, ema_decay
 from latentlab.runfolder import Run
 
 NUM_CLASSES = 10
@@ -127,8 +127,7 @@ def train_flow(cfg: FlowConfig, codes: torch.Tensor, labels: torch.Tensor, *, se
         optimizer.step()
         schedule.step()
         with torch.no_grad():
-            # warm-up: a short run's average must not keep the random initial weights (0.999 ** 400 = 67%)
-            decay = min(cfg.ema, (1 + step) / (10 + step))
+            decay = ema_decay(step, cfg.ema)  # with a warm-up (models.py)
             for average, current in averaged:
                 average.lerp_(current, 1 - decay)
             running += loss.detach()

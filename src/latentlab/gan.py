@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from latentlab import pixels
 from latentlab.config import GANConfig
 from latentlab.errors import LatentlabError
-from latentlab.models import Autoencoder, CodeStats, Discriminator, Generator, decode, device_of
+from latentlab.models import Autoencoder, CodeStats, Discriminator, Generator, decode, device_of, ema_decay
 from latentlab.runfolder import Run
 
 NUM_CLASSES = 10
@@ -135,9 +135,8 @@ def train_gan(cfg: GANConfig, codes: torch.Tensor, labels: torch.Tensor | None =
         netD.requires_grad_(True)
         if cfg.ema > 0:
             with torch.no_grad():
-                # warm-up, as in flow.py: the average's decay grows from 0.1 to cfg.ema, so a short run does
-                # not keep its random start (--quick's 1000 steps at 0.999 kept 37% of it: FD 498, recall 0)
-                decay = ((1 + step_count) / (10 + step_count)).clamp(max=cfg.ema)
+                # with a warm-up: --quick's 1000 steps at 0.999 kept 37% of the random start (FD 498, recall 0)
+                decay = ema_decay(step_count, cfg.ema)  # on the device: no host sync
                 torch._foreach_lerp_(averaged, current, [1 - decay] * len(averaged))
 
         # bookkeeping, on the device: divergence is a NaN/inf anywhere or a loss far beyond what training shows

@@ -21,6 +21,14 @@ def batched(fn, inputs: torch.Tensor, device, batch_size: int | None = None) -> 
                       for i in range(0, len(inputs), batch_size)])
 
 
+def ema_decay(step, ema: float):
+    """The decay of a weight average at update `step` (the GANs count from 0, the flow from 1): it grows from 0.1
+    towards `ema`, so a short run's average does not keep its random start (0.999 ** 400 = 67%). `step` an int,
+    or a device tensor (the GANs' CUDA graphs): the result is of the same kind."""
+    warm = (1 + step) / (10 + step)
+    return warm.clamp(max=ema) if torch.is_tensor(warm) else min(ema, warm)
+
+
 def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
