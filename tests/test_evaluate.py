@@ -1,3 +1,4 @@
+import json
 import shutil
 
 import numpy as np
@@ -19,7 +20,7 @@ from tests.conftest import tiny_config
 
 @pytest.fixture(scope="module")
 def evaluated_run(gan_run, tmp_path_factory):
-    """conftest's gan_run (AE, classifier, both GANs: all the evaluation reads), evaluated."""
+    """conftest's gan_run (all the evaluation reads), evaluated."""
     run = Run(shutil.copytree(gan_run.root, tmp_path_factory.mktemp("evaluated") / "run"))
     Pipeline(run, tiny_config()).run_stage("evaluation")
     return run
@@ -132,3 +133,23 @@ def test_settings_are_checked():
     config.classifier.lr = 0.0
     with pytest.raises(LatentlabError, match="classifier.lr"):
         validate(config)
+
+
+def test_evaluate_makes_the_missing_baselines_first(gan_run, tmp_path, capsys):
+    """The floors and mixtures are their own stage, run beside the generators; `evaluate` on a run without them
+    makes them first, and the evaluation stage alone refuses with one line instead of a KeyError."""
+    run = Run(shutil.copytree(gan_run.root, tmp_path / "run"))
+    records = json.loads((run.root / "stages.json").read_text())
+    del records["baselines"]
+    (run.root / "stages.json").write_text(json.dumps(records))
+    metrics = run.metrics()
+    del metrics["baselines"], metrics["evaluation"]
+    (run.root / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(LatentlabError, match="baselines are missing; `latentlab evaluate"):
+        Pipeline(run, tiny_config()).run_stage("evaluation")
+    assert cli.main(["evaluate", "--run", str(run.root)]) == 0
+    assert "baselines first" in capsys.readouterr().out
+    metrics = run.metrics()
+    assert {"gmm", "gmm_per_digit"} <= set(metrics["baselines"])
+    assert metrics["evaluation"]["floors"]["train_reconstruction_frechet_distance"] > 0
+    assert {"baselines", "evaluation"} <= set(json.loads((run.root / "stages.json").read_text()))

@@ -67,7 +67,7 @@ def test_second_run_skips_and_changed_setting_redoes_that_stage_and_its_readers(
 
 
 def test_dependents_follow_the_graph():
-    assert pipeline.dependents("classifier") == {"interpolation", "evaluation", "report"}
+    assert pipeline.dependents("classifier") == {"baselines", "interpolation", "evaluation", "report"}
     assert pipeline.dependents("autoencoder") == set(pipeline.stage_names()) - {"autoencoder", "classifier"}
     assert pipeline.dependents("report") == set()
     for stage in pipeline.STAGES:  # every stage comes after what it reads, so hashes chain in one pass

@@ -120,7 +120,8 @@ def test_largest_seed_runs_every_stage_to_the_end_at_every_limit(tmp_path):
     run = Run(tmp_path / "run", create=True)
     Pipeline(run, config).run_all()  # ...and runs to the end
     assert set(Pipeline(run, config).records()) == {"autoencoder", "classifier", "fewshot", "gan", "cgan",
-                                                      "flow", "interpolation", "evaluation", "report"}
+                                                      "flow", "baselines", "interpolation", "evaluation",
+                                                      "report"}
     assert (run.root / "report.html").exists()
 
 

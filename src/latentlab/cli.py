@@ -16,7 +16,8 @@ STAGE_COMMANDS = {
     "train-cgan": ("cgan", "train the conditional latent GAN (noise + digit -> AE code)"),
     "train-flow": ("flow", "train the latent flow-matching generator (noise [+ digit] -> AE code by an ODE)"),
     "interpolate": ("interpolation", "interpolate between GAN samples and between real digits, and score the paths"),
-    "evaluate": ("evaluation", "score the GANs and Gaussian-mixture baselines with the classifier (FD, precision/recall)"),
+    "evaluate": ("evaluation", "score the GANs, the flow and Gaussian-mixture baselines with the classifier (FD, "
+                              "precision/recall); the baselines and floors first, where they are not done"),
     "report": ("report", "write report.md and report.html from the run's metrics and figures"),
 }
 
@@ -190,9 +191,10 @@ def cmd_run(args) -> None:
 
 
 def cmd_stage(args) -> None:
-    from latentlab.checks import check_config, check_needs, check_own_settings, check_run_files, config_from_json
+    from latentlab.checks import (MADE_BY, check_config, check_needs, check_own_settings, check_run_files,
+                                  config_from_json)
     from latentlab.config import to_dict
-    from latentlab.pipeline import Pipeline, locked
+    from latentlab.pipeline import STAGES, Pipeline, locked
     from latentlab.runfolder import Run
 
     stage = STAGE_COMMANDS[args.command][0]
@@ -220,6 +222,11 @@ def cmd_stage(args) -> None:
             return
         if before is None or to_dict(config) != before:  # unchanged settings: config.json stays as the run wrote it
             pipeline.write_config()
+        # the stages it reads that make no checkpoint (the evaluation's baselines) are made first where not done
+        reads = next(s.reads for s in STAGES if s.name == stage)
+        for earlier in (r for r in reads if r not in MADE_BY and not pipeline.is_done(r)):
+            print(f"latentlab: {earlier} first (the {stage} reads it)")
+            pipeline.run_stage(earlier)
         pipeline.run_stage(stage)
     print(f"latentlab: {stage} finished in {run.root}")
 

@@ -1,12 +1,13 @@
-"""Stage 7: how good are the generated digits, measured by the project's own classifier.
+"""Stages `baselines` and `evaluation`: how good are the generated digits, measured by the project's own classifier.
 
-Every generator (the two GANs and their Gaussian-mixture baselines) is scored the same way on `samples`
+Every generator (the two GANs, the flow and their Gaussian-mixture baselines) is scored the same way on `samples`
 images against the 10k test images: Frechet distance and k-NN precision/recall in the classifier's
 penultimate features, the share classified as the digit asked for (conditional models), and the class
 histogram (plain models; mode collapse shows there). Floors put the distances in scale: real training
 images (what a perfect generator would score) and the AE's reconstructions (about the best a generator
 decoding through this AE can hope for). The Gaussian mixtures are the baseline the latent-GAN literature
-found hard to beat; the verdict says plainly whether the GANs beat them.
+found hard to beat; the verdict says plainly whether the GANs beat them. The floors and the mixtures read only
+the codes and the classifier: their own stage (`stage_baselines`) runs beside the generators' training.
 """
 import time
 
@@ -20,6 +21,7 @@ from latentlab import figures, pixels
 from latentlab.autoencoder import decode
 from latentlab.classifier import features_and_proba, load_classifier
 from latentlab.context import Context, set_threads, sub_seed
+from latentlab.errors import LatentlabError
 from latentlab.metrics import Reference
 
 TARGETS = {"cgan_accuracy": 0.99, "cgan_min_digit_accuracy": 0.97, "fd_over_reconstruction_floor": 1.5, "recall": 0.5}
@@ -191,8 +193,33 @@ def targets(gan: dict, cgan: dict, baselines: dict, floor: dict) -> dict:
     }
 
 
+def reference_of_test_images(ctx: Context, classifier) -> Reference:
+    """The test images' statistics in the classifier's features: what every generator is compared with."""
+    return Reference(embed(classifier, ctx.images("test"))[0], k=ctx.config.evaluation.k)
+
+
+def stage_baselines(ctx: Context) -> dict:
+    """The floors and both Gaussian-mixture baselines: they read only the codes and the classifier, so this
+    stage runs beside the generators' training instead of after it. Writes `baselines` and `evaluation.floors`
+    (the evaluation stage, which reads this one, keeps them)."""
+    cfg = ctx.config.evaluation
+    set_threads(ctx.threads)
+    classifier = load_classifier(ctx.run).to(ctx.device)
+    real = reference_of_test_images(ctx, classifier)
+    floor = floors(ctx, classifier, real, cfg.samples)
+    baselines, images = gmm_baselines(ctx, classifier, real, cfg.samples)
+    figures.grid_figure(images["gmm"][:100], ctx.run.figures / "baseline_gmm_samples.png", rows=10, cols=10,
+                        title="Gaussian mixture on the codes: decoded samples")
+    digits = np.arange(cfg.samples) % 10  # the per-digit samples ask for every digit in turn
+    by_digit = np.concatenate([images["gmm_per_digit"][digits == d][:10] for d in range(10)])
+    figures.grid_figure(by_digit, ctx.run.figures / "baseline_gmm_per_digit_samples.png", rows=10, cols=10,
+                        title="one Gaussian mixture per digit: one row per digit", row_labels=range(10))
+    return {"baselines": baselines, "evaluation": {"floors": floor}}
+
+
 def stage(ctx: Context) -> dict:
-    """Score both GANs, the flow and both Gaussian-mixture baselines; merge `quality` into the generators' sections."""
+    """Score both GANs and the flow, beside the floors and baselines of stage_baselines; merge `quality` into the
+    generators' sections."""
     from latentlab.gan import load_gan, sample_images
 
     cfg = ctx.config.evaluation
@@ -201,18 +228,19 @@ def stage(ctx: Context) -> dict:
     classifier = load_classifier(ctx.run).to(ctx.device)
     gan, cgan = (load_gan(ctx.run, conditional=c, device=ctx.device) for c in (False, True))
     decoder = ctx.autoencoder.decoder
+    metrics = ctx.run.metrics()
+    if "baselines" not in metrics or "floors" not in metrics.get("evaluation", {}):
+        raise LatentlabError(f"{ctx.run.root}: the floors and Gaussian-mixture baselines are missing; "
+                             f"`latentlab evaluate --run {ctx.run.root}` makes them first")
+    baselines, floor = metrics["baselines"], metrics["evaluation"]["floors"]
     seconds, start = {}, time.perf_counter()
-    real = Reference(embed(classifier, ctx.images("test"))[0], k=k)  # the test set's statistics, made once
+    real = reference_of_test_images(ctx, classifier)  # the test set's statistics, made once
 
     def lap(name):  # wall seconds of each part, for the report
         nonlocal start
         seconds[name], start = round(time.perf_counter() - start, 2), time.perf_counter()
 
     lap("reference")
-    floor = floors(ctx, classifier, real, count)
-    lap("floors")
-    baselines, baseline_images = gmm_baselines(ctx, classifier, real, count)
-    lap("gmm_baselines")
     gan_images = sample_images(gan, decoder, count, seed=sub_seed(seed, "gan-sample"))
     gan_quality = unconditional_quality(classifier, real, gan_images)
     digits = np.arange(count) % 10  # every digit asked for equally often
@@ -238,18 +266,10 @@ def stage(ctx: Context) -> dict:
                                  "flow with a digit": flow["quality"]["accuracy_per_digit"],
                                  "GMM per digit": baselines["gmm_per_digit"]["accuracy_per_digit"]},
                                 ctx.run.figures / "evaluation_digit_accuracy.png", target=TARGETS["cgan_min_digit_accuracy"])
-    figures.grid_figure(baseline_images["gmm"][:100], ctx.run.figures / "baseline_gmm_samples.png", rows=10, cols=10,
-                        title="Gaussian mixture on the codes: decoded samples")
-    by_digit = np.concatenate([baseline_images["gmm_per_digit"][digits == d][:10] for d in range(10)])
-    figures.grid_figure(by_digit, ctx.run.figures / "baseline_gmm_per_digit_samples.png", rows=10, cols=10,
-                        title="one Gaussian mixture per digit: one row per digit", row_labels=range(10))
-
-    metrics = ctx.run.metrics()
     return {
         "gan": {**metrics.get("gan", {}), "quality": gan_quality},
         "cgan": {**metrics.get("cgan", {}), "quality": cgan_quality},
         "flow": {**metrics.get("flow", {}), **flow},
-        "baselines": baselines,
         "evaluation": {
             "samples": count, "k": k, "reference": "the 10,000 test images", "floors": floor,
             "targets": targets(gan_quality, cgan_quality, baselines, floor),
