@@ -9,7 +9,7 @@ from latentlab import figures
 from latentlab.config import AutoencoderConfig
 from latentlab.context import Context, set_threads, write_codes
 from latentlab.errors import LatentlabError
-from latentlab.models import Autoencoder, CodeStats, batched, decode, device_of, inference_batch
+from latentlab.models import Autoencoder, CodeStats, adam, batched, decode, device_of, inference_batch
 from latentlab.runfolder import Run
 
 
@@ -46,7 +46,7 @@ def train_autoencoder(cfg: AutoencoderConfig, train: torch.Tensor, val: torch.Te
     steps_per_epoch = len(train) // cfg.batch_size
     if steps_per_epoch < 1:
         raise LatentlabError(f"autoencoder: batch size {cfg.batch_size} is larger than the {len(train)} training images")
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = adam(model.parameters(), device, lr=cfg.lr)
     generator = torch.Generator().manual_seed(seed)
     history = {"train_bce": [], "val_bce": [], "val_mse": []}
     bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="autoencoder", unit="step", leave=False, mininterval=0.5)

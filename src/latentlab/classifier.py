@@ -14,7 +14,7 @@ from latentlab import pixels
 from latentlab.config import ClassifierConfig
 from latentlab.context import Context, set_threads, sub_seed
 from latentlab.errors import LatentlabError
-from latentlab.models import DigitClassifier, batched, device_of
+from latentlab.models import DigitClassifier, adam, batched, device_of
 from latentlab.runfolder import Run
 
 
@@ -53,7 +53,7 @@ def train_classifier(cfg: ClassifierConfig, train: torch.Tensor, train_labels: n
     steps_per_epoch = len(train) // cfg.batch_size
     if steps_per_epoch < 1:
         raise LatentlabError(f"classifier: batch size {cfg.batch_size} is larger than the {len(train)} training images")
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = adam(model.parameters(), device, lr=cfg.lr)
     # one-cycle: warm up, then anneal to ~0, which is what makes 2-3 epochs enough
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
     train, labels = train.to(device), torch.as_tensor(np.asarray(train_labels)).to(device)

@@ -30,7 +30,7 @@ from latentlab.classifier import predict_proba, train_classifier
 from latentlab.config import ClassifierConfig, FewshotConfig
 from latentlab.context import Context, set_threads, sub_seed
 from latentlab.errors import LatentlabError
-from latentlab.models import batched, inference_batch
+from latentlab.models import adam, batched, inference_batch
 from latentlab.runfolder import write_json
 
 # The reference report's validation accuracy of its best MLP (one draw of 50 labels).
@@ -96,7 +96,8 @@ class Stacked:
         self.base = copy.deepcopy(models[0]).to("meta")
         params, self.buffers = stack_module_state(models)
         self.params = {k: v.detach().requires_grad_() for k, v in params.items()}
-        self.optimizer = torch.optim.Adam(self.params.values(), lr=LEARNING_RATE)
+        self.optimizer = adam(self.params.values(), next(iter(self.params.values())).device,
+                              lr=LEARNING_RATE)
 
     def _logits(self, params, buffers, inputs):
         return functional_call(self.base, (params, buffers), (inputs,))

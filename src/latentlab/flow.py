@@ -23,7 +23,7 @@ from torch import nn
 from latentlab import pixels
 from latentlab.config import FlowConfig
 from latentlab.errors import LatentlabError
-from latentlab.models import CodeStats, decode, device_of, ema_decay
+from latentlab.models import CodeStats, adam, decode, device_of, ema_decay
 from latentlab.runfolder import Run
 
 NUM_CLASSES = 10
@@ -99,7 +99,7 @@ def train_flow(cfg: FlowConfig, codes: torch.Tensor, labels: torch.Tensor, *, se
     torch.manual_seed(seed)
     model = VelocityField(latent_dim=codes.shape[1], hidden=cfg.hidden, layers=cfg.layers,
                           embed_dim=cfg.embed_dim).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = adam(model.parameters(), device, lr=cfg.lr)
     # cosine decay to zero: the last steps refine at a small step size
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
     keep = copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else model

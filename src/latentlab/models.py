@@ -21,6 +21,14 @@ def batched(fn, inputs: torch.Tensor, device, batch_size: int | None = None) -> 
                       for i in range(0, len(inputs), batch_size)])
 
 
+def adam(params, device, **options) -> torch.optim.Adam:
+    """Adam for parameters on `device`. On the CPU its fused form, one kernel per tensor for the whole update:
+    the GANs' two updates per step took 758 -> 216 us, the default loop launching ~10 ops per tensor (GAN steps
+    5-15% faster, the flow's 13%). CUDA keeps torch's default, which the GANs' captured CUDA graphs were built on."""
+    fused = torch.device(device).type == "cpu"
+    return torch.optim.Adam(params, fused=fused or None, **options)
+
+
 def ema_decay(step, ema: float):
     """The decay of a weight average at update `step` (the GANs count from 0, the flow from 1): it grows from 0.1
     towards `ema`, so a short run's average does not keep its random start (0.999 ** 400 = 67%). `step` an int,
