@@ -73,6 +73,34 @@ def test_balance_weights_reach_the_priors():
     assert np.abs(sizes - [0.5, 0.3, 0.2]).max() <= 2e-3
 
 
+def _balance_every_code_every_step(scores, priors, *, tol=1e-3, max_steps=1000):
+    """The plain form of fewshot.balance_weights: every code relabelled at every step."""
+    w = np.ones(len(priors))
+    for _ in range(max_steps):
+        sizes = np.bincount(np.argmax(scores * w, axis=1), minlength=len(priors)) / len(scores)
+        if np.abs(sizes - priors).max() <= tol:
+            break
+        w = w - 0.1 * (sizes - priors)
+        w = w / w[0]
+    return w
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(5, 400), classes=st.integers(2, 10), seed=st.integers(0, 10_000),
+       zero_rows=st.integers(0, 5), tied=st.booleans(), steps=st.sampled_from([1, 7, 300]))
+def test_balance_weights_relabel_only_near_ties_yet_match_relabelling_all(n, classes, seed, zero_rows, tied, steps):
+    """Relabelling only the codes whose two best classes are closer than the weights' drift gives the very weights
+    of relabelling every code every step: rows of zeros, exact ties, unreachable priors included."""
+    rng = np.random.default_rng(seed)
+    scores = rng.random((n, classes)) * rng.random(classes)      # some classes win far more codes than others
+    scores[:min(zero_rows, n)] = 0.0
+    if tied:
+        scores[:, -1] = scores[:, 0]                              # two classes tie on every code
+    priors = rng.dirichlet(np.ones(classes))
+    expected = _balance_every_code_every_step(scores, priors, max_steps=steps)
+    assert np.array_equal(fewshot.balance_weights(scores, priors, max_steps=steps), expected)
+
+
 def _moments(images):
     """Centre of mass (y, x) and the covariance of x and y of the ink of each image."""
     import torch
