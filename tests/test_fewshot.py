@@ -280,3 +280,21 @@ def test_tiled_nearest_matches_a_full_sort(n, k, batch, chunk, exclude, seed):
     distances, indices = nearest(points, points, k, exclude_self=exclude, batch_size=batch, chunk=chunk)
     assert torch.equal(indices, expected)
     assert torch.allclose(distances, (points[:, None] - points[expected]).norm(dim=2), atol=1e-3)
+
+
+def test_a_digit_without_labels_is_found_by_the_uniform_decision():
+    """A random draw can miss a digit: its codes, which no label reaches, become that digit in poisson_uniform
+    (the one decision that assumes every digit is a tenth of the codes); the other decisions cannot name it."""
+    import torch
+
+    rng = np.random.default_rng(1)
+    centres = rng.normal(scale=2.0, size=(10, 16))  # ten digits, apart as the codes' digits mostly are
+    labels = np.repeat(np.arange(10), 60)
+    points = torch.from_numpy(centres[labels] + rng.normal(size=(600, 16))).float()
+    weights, _ = fewshot.code_graph(points, 10)
+    draw = np.concatenate([np.flatnonzero(labels == d)[:3] for d in range(1, 10)])  # no label of a 0
+    decisions = fewshot.poisson_labels(weights, [draw], [labels[draw]], 0.75, torch.device("cpu"))[0]
+    assert not (decisions["poisson"] == 0).any() and not (decisions["poisson_balanced"] == 0).any()
+    uniform = decisions["poisson_uniform"]
+    assert np.mean(uniform[labels == 0] == 0) > 0.9 and np.mean(uniform == labels) > 0.95
+    assert np.mean(decisions["poisson"] == labels) < 0.91  # the zeros went to other digits
