@@ -54,13 +54,12 @@ def tiny_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def gan_run(tiny_run, tmp_path_factory):
-    """The tiny run plus a classifier, both tiny GANs (50 steps), the flow and the evaluation's baselines: all the
-    evaluation reads. Tests that change it must copy it first."""
+    """The tiny run plus a classifier, both tiny GANs (50 steps) and the flow. Tests that change it must copy it first."""
     import shutil
 
     run = Run(shutil.copytree(tiny_run.root, tmp_path_factory.mktemp("gan_run") / "run"))
     pipeline = Pipeline(run, tiny_config())
-    for stage in ("classifier", "gan", "cgan", "flow", "baselines"):
+    for stage in ("classifier", "gan", "cgan", "flow"):
         pipeline.run_stage(stage)
     return run
 

@@ -121,7 +121,9 @@ def test_stage_and_evaluation_sections(gan_run, tmp_path):
     assert section["steps"] == tiny_config().flow.steps and section["train_seconds"] > 0
     assert len(section["history"]["loss"]) == len(section["history"]["step"]) >= 1
     assert (run.figures / "flow_samples.png").stat().st_size > 1000
-    Pipeline(run, tiny_config()).run_stage("evaluation")
+    pipeline = Pipeline(run, tiny_config())
+    pipeline.run_stage("baselines")
+    pipeline.run_stage("evaluation")
     metrics = run.metrics()
     cgan_keys = set(metrics["cgan"]["quality"])
     assert set(metrics["flow"]["quality"]) == cgan_keys
@@ -198,6 +200,7 @@ def test_evaluation_with_gans_of_different_noise_sizes(gan_run, tmp_path):
     config.gan.noise_dim = 2 * config.cgan.noise_dim  # the flow's evaluation times both GANs with their own noise
     pipeline = Pipeline(run, config)
     pipeline.run_stage("gan")
+    pipeline.run_stage("baselines")
     pipeline.run_stage("evaluation")
     assert run.metrics()["flow"]["sampling_seconds"]["gan_10k_codes_seconds"] > 0
 
