@@ -150,3 +150,21 @@ def test_evaluate_makes_the_missing_baselines_first(gan_run, tmp_path, capsys):
     assert {"gmm", "gmm_per_digit"} <= set(metrics["baselines"])
     assert metrics["evaluation"]["floors"]["train_reconstruction_frechet_distance"] > 0
     assert {"baselines", "evaluation"} <= set(json.loads((run.root / "stages.json").read_text()))
+
+
+def test_a_report_on_other_data_says_class_where_mnist_says_digit(evaluated_run, tmp_path):
+    """With the evaluation's tables in it (metric names such as gmm_per_digit, figure captions), a report on
+    other data says "class"; the figure paths keep the files' names, so every figure is still found."""
+    import re
+
+    from latentlab.report import write_report
+
+    run = shutil.copytree(evaluated_run.root, tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    (tmp_path / "fashion-mnist").mkdir()
+    config["data_dir"] = str(tmp_path / "fashion-mnist")
+    (run / "config.json").write_text(json.dumps(config))
+    text = write_report(run)[0].read_text().split("## Settings")[0]
+    assert "gmm_per_class" in text and "baseline_gmm_per_digit_samples.png" in text
+    assert "digit" not in re.sub(r"\]\(figures/[^)]*\)", "]", text)
+    assert all((run / path).is_file() for path in re.findall(r"\]\((figures/[^)]*)\)", text))

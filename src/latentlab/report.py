@@ -48,12 +48,15 @@ def words(config: dict) -> dict:
 
 
 def in_words(text: str, w: dict) -> str:
-    """A stage's verdict in the dataset's words: the stages write "digit", which only MNIST's classes are."""
+    """Text in the dataset's words: the stages and metric names say "digit", which only MNIST's classes are.
+    Figure paths (`](figures/...)`) stay as the files are named."""
     if w["mnist"]:
         return text
-    for old, new in (("digit-like", "like real images"), ("digits", "images"), ("digit", "class")):
-        text = text.replace(old, new)
-    return text
+    pieces = re.split(r"(\]\(figures/[^)]*\))", text)
+    for i in range(0, len(pieces), 2):  # the even pieces are text, the odd ones figure paths
+        for old, new in (("digit-like", "like real images"), ("digits", "images"), ("digit", "class")):
+            pieces[i] = pieces[i].replace(old, new)
+    return "".join(pieces)
 
 
 def autoencoder_section(m: dict, root: Path, w: dict) -> str:
@@ -234,7 +237,7 @@ def markdown_report(metrics: dict, config: dict, root: Path) -> str:
             raise LatentlabError(f"{root / 'metrics.json'}: the {name} section is damaged "
                                  f"({type(e).__name__}: {' '.join(str(e).split())[:80]})") from None
         if text:
-            parts.append(text)
+            parts.append(in_words(text, w))  # tables, target names and figure captions too
     parts.append(settings_section(metrics, config, w))
     return "\n\n".join(parts) + "\n"
 
