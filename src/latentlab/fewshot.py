@@ -336,17 +336,17 @@ def poisson_labels(weights, draws: list[np.ndarray], labelled: list[np.ndarray],
         scores = (block - block.min()) / (block.max() - block.min())  # graphlearning's normalisation
         priors = np.bincount(local) / len(local)
         w = balance_weights(scores, priors)
-        # The same pull towards equal class sizes: the digits are about equally frequent, whereas a random
-        # draw's label frequencies are a noisy guess (on balanced draws the two are the same).
-        equal = np.full(len(classes), 1 / len(classes))
-        uniform = w if np.array_equal(priors, equal) else balance_weights(scores, equal)
-        uniform_labels = classes[np.argmax(scores * uniform ** balance, axis=1)]
         missing = np.setdiff1d(np.arange(DIGITS), classes)
         if len(missing) == 1:  # the codes no label reaches are that digit (two or more missing could not be named)
             unlabelled = (0 - block.min()) / (block.max() - block.min())   # u = 0, normalised as the other scores
             every = np.hstack([scores, np.full((len(scores), 1), unlabelled)])
             digits = np.append(classes, missing)
             uniform_labels = digits[np.argmax(every * balance_weights(every, np.full(DIGITS, 1 / DIGITS)), axis=1)]
+        else:  # the same pull towards equal class sizes: the digits are about equally frequent, whereas a random
+            # draw's label frequencies are a noisy guess (on balanced draws the two are the same)
+            equal = np.full(len(classes), 1 / len(classes))
+            uniform = w if np.array_equal(priors, equal) else balance_weights(scores, equal)
+            uniform_labels = classes[np.argmax(scores * uniform ** balance, axis=1)]
         results.append({"poisson": classes[np.argmax(scores, axis=1)],
                         "poisson_balanced": classes[np.argmax(scores * w ** balance, axis=1)],
                         "poisson_uniform": uniform_labels,
