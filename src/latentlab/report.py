@@ -154,7 +154,7 @@ def generation_section(m: dict, root: Path, w: dict) -> str:
             parts.append(f"{w['class'].capitalize()} read in the plain GAN's samples (mode collapse would show as "
                          "a skew):\n\n" + _table([w["class"]] + [str(d) for d in range(10)], [["share"] + [pct(v) for v in gq["class_histogram"]]]))
         if ev.get("verdict"):
-            parts.append(f"**Verdict.** {in_words(ev['verdict'], w)}")
+            parts.append(f"**Verdict.** {ev['verdict']}")
         if ev.get("targets"):
             parts.append("Targets: " + ", ".join(f"{name} {'met' if met else '**not met**'}"
                                                  for name, met in ev["targets"].items()) + ".")
@@ -203,7 +203,7 @@ def interpolation_section(m: dict, root: Path, w: dict) -> str:
              _figures(root, "interpolation*.png"),
              _table(["path"] + keys, rows)]
     if it.get("verdict"):
-        parts.append(f"**Verdict.** {in_words(it['verdict'], w)}")
+        parts.append(f"**Verdict.** {it['verdict']}")
     return "\n\n".join(parts)
 
 
