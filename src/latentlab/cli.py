@@ -194,7 +194,7 @@ def cmd_stage(args) -> None:
     from latentlab.checks import (MADE_BY, check_config, check_needs, check_own_settings, check_run_files,
                                   config_from_json)
     from latentlab.config import to_dict
-    from latentlab.pipeline import STAGES, Pipeline, locked
+    from latentlab.pipeline import Pipeline, locked, stage_named
     from latentlab.runfolder import Run
 
     stage = STAGE_COMMANDS[args.command][0]
@@ -223,8 +223,7 @@ def cmd_stage(args) -> None:
         if before is None or to_dict(config) != before:  # unchanged settings: config.json stays as the run wrote it
             pipeline.write_config()
         # the stages it reads that make no checkpoint (the evaluation's baselines) are made first where not done
-        reads = next(s.reads for s in STAGES if s.name == stage)
-        for earlier in (r for r in reads if r not in MADE_BY and not pipeline.is_done(r)):
+        for earlier in (r for r in stage_named(stage).reads if r not in MADE_BY and not pipeline.is_done(r)):
             print(f"latentlab: {earlier} first (the {stage} reads it)")
             pipeline.run_stage(earlier)
         pipeline.run_stage(stage)

@@ -82,7 +82,7 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _stage(name: str) -> Stage:
+def stage_named(name: str) -> Stage:
     return next(s for s in STAGES if s.name == name)
 
 
@@ -112,7 +112,7 @@ def stage_hashes(config: Config) -> dict[str, str]:
 
 
 def stage_function(name: str):
-    function = _stage(name).function
+    function = stage_named(name).function
     if callable(function):
         return function
     module, attr = function.split(":")
@@ -165,7 +165,7 @@ class Pipeline:
         return read_stages(path) if path.exists() else {}
 
     def is_done(self, name: str) -> bool:
-        stage = _stage(name)
+        stage = stage_named(name)
         record = self.records().get(name)
         return bool(record and record.get("hash") == self.hashes[name]
                     and all((self.run.root / out).exists() for out in stage.outputs))
@@ -285,7 +285,7 @@ class Schedule:
 
     def _take(self, order: tuple[str, ...], only: bool = False) -> str | None:
         """The first ready stage by `order` (then any other, unless `only`), taken off the list."""
-        ready = [n for n in self.todo if set(_stage(n).reads) <= self.done and (n in order or not only)]
+        ready = [n for n in self.todo if set(stage_named(n).reads) <= self.done and (n in order or not only)]
         if not ready:
             return None
         name = min(ready, key=lambda n: order.index(n) if n in order else len(order))
