@@ -241,7 +241,7 @@ def test_cli_draw_options_and_bad_settings():
 
 
 def test_stacked_torch_solve_matches_graphlearning_draw_by_draw():
-    """The GPU path (every draw's columns in one conjugate-gradient solve) gives graphlearning's Poisson labels."""
+    """Every draw's columns in one float32 conjugate-gradient solve give graphlearning's Poisson labels."""
     import graphlearning as gl
     import torch
 
@@ -255,14 +255,14 @@ def test_stacked_torch_solve_matches_graphlearning_draw_by_draw():
     assert connected_components(weights)[0] == 1  # as the codes' graph is: Poisson learning needs one component
     draws = [fewshot.draw_labels(labels, per_class=2, draw="balanced", seed=s) for s in (1, 2)]
     labelled = [labels[d] for d in draws]
-    cpu_path = fewshot.poisson_labels(weights, draws, labelled, 0.75, torch.device("cpu"))  # graphlearning's solver
+    labels_of = fewshot.poisson_labels(weights, draws, labelled, 0.75, torch.device("cpu"))
     sources, groups = fewshot.poisson_sources(600, draws, [np.unique(y, return_inverse=True) for y in labelled])
     u = fewshot.poisson_solve(weights, sources, groups).numpy()
     for i, (indices, y) in enumerate(zip(draws, labelled)):
         reference = gl.ssl.poisson(weights, tol=fewshot.POISSON_TOL).fit(indices, y)
         assert np.abs(u[:, 10 * i:10 * (i + 1)] - reference).max() < 1e-2 * np.abs(reference).max()
         assert (u[:, 10 * i:10 * (i + 1)].argmax(1) == reference.argmax(1)).mean() > 0.99
-        assert (cpu_path[i]["poisson"] == reference.argmax(1)).all()
+        assert (labels_of[i]["poisson"] == np.unique(y)[reference.argmax(1)]).mean() > 0.99
 
 
 @settings(max_examples=25, deadline=None)

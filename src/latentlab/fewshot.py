@@ -215,7 +215,10 @@ def poisson_solve(weights, sources: torch.Tensor, groups: torch.Tensor, *, tol: 
     The problem is linear in b, so the columns of every draw go through one sparse product per iteration.
     Iterations go on until each draw's residual norm (its columns together: `groups` gives each column's
     draw) is below `tol`, graphlearning's stopping rule for one draw.
-    sources (n, columns) on the device where the solve runs; returns u (n, columns).
+    In float32: at this tolerance it labels as float64 does (10 draws of the 55k codes: 99.999% of argmaxes
+    equal to graphlearning's), and on the CPU its sparse products are 3x faster (the whole solve 6 s, against
+    38 s in float64 and 16 s for graphlearning's fits one draw at a time).
+    sources (n, columns) on the device where the solve runs; returns u (n, columns), float64.
     """
     w = sparse.csr_matrix(weights)
     w.setdiag(0)
@@ -229,25 +232,25 @@ def poisson_solve(weights, sources: torch.Tensor, groups: torch.Tensor, *, tol: 
         matrix = torch.sparse_csr_tensor(
             *(torch.from_numpy(a) for a in (normalised.indptr.astype(np.int64), normalised.indices.astype(np.int64),
                                             normalised.data)),
-            size=normalised.shape, dtype=torch.float64, check_invariants=False).to(device)
-    d = torch.from_numpy(d).to(device)[:, None]
-    b = sources.double() * d
+            size=normalised.shape, dtype=torch.float32, check_invariants=False).to(device)
+    d = torch.from_numpy(d).float().to(device)[:, None]
+    b = sources.float() * d
     x = torch.zeros_like(b)
     r = b.clone()
     p = r.clone()
     rs_old = (r * r).sum(0)
     for _ in range(max_iter):
         ap = p - matrix @ p
-        alpha = rs_old / (p * ap).sum(0).clamp_min(1e-300)
+        alpha = rs_old / (p * ap).sum(0).clamp_min(1e-30)
         x += alpha * p
         r -= alpha * ap
         rs_new = (r * r).sum(0)
         per_draw = torch.zeros(int(groups.max()) + 1, dtype=rs_new.dtype, device=device).index_add_(0, groups, rs_new)
         if per_draw.sqrt().max() <= tol:  # one sync per iteration: a few hundred in all
             break
-        p = r + (rs_new / rs_old.clamp_min(1e-300)) * p
+        p = r + (rs_new / rs_old.clamp_min(1e-30)) * p
         rs_old = rs_new
-    return x * d
+    return (x * d).double()
 
 
 def balance_weights(scores: np.ndarray, priors: np.ndarray, *, tol: float = 1e-3, max_steps: int = 1000):
@@ -312,7 +315,7 @@ def poisson_sources(n: int, draws: list[np.ndarray], columns) -> tuple[torch.Ten
 
 def poisson_labels(weights, draws: list[np.ndarray], labelled: list[np.ndarray], balance: float,
                    device) -> list[dict[str, np.ndarray]]:
-    """Labels of every training code by Poisson learning for every draw (on a GPU one stacked solve), with four
+    """Labels of every training code by Poisson learning for every draw (one stacked solve), with four
     decisions: `poisson` (argmax), `poisson_volume` (class sizes forced to the label frequencies, graphlearning's
     class_priors), `poisson_balanced` (the geometric middle, weights ** balance: sizes pulled
     towards the priors without forcing them; digits are not exactly equally frequent) and `poisson_uniform`
@@ -320,15 +323,8 @@ def poisson_labels(weights, draws: list[np.ndarray], labelled: list[np.ndarray],
     that digit is a class too, with the score Poisson learning gives a class without labels (u = 0 everywhere),
     balanced fully to its tenth of the codes, as nothing but its share speaks for it."""
     columns = [np.unique(labels, return_inverse=True) for labels in labelled]  # a random draw can miss a digit
-    if torch.device(device).type == "cpu":
-        # graphlearning's own solver, draw by draw: on the CPU a stacked solve costs as much per column
-        import graphlearning as gl
-
-        u = np.hstack([gl.ssl.poisson(weights, tol=POISSON_TOL).fit(indices, local)
-                       for indices, (_, local) in zip(draws, columns)])
-    else:  # on a GPU every draw's columns go through one sparse product per iteration
-        sources, groups = poisson_sources(weights.shape[0], draws, columns)
-        u = poisson_solve(weights, sources.to(device), groups.to(device)).cpu().numpy()
+    sources, groups = poisson_sources(weights.shape[0], draws, columns)
+    u = poisson_solve(weights, sources.to(device), groups.to(device)).cpu().numpy()
     results, start = [], 0
     for classes, local in columns:
         block = u[:, start:start + len(classes)]
