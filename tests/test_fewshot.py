@@ -267,8 +267,8 @@ def test_stacked_torch_solve_matches_graphlearning_draw_by_draw():
 
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(12, 90), k=st.integers(1, 10), batch=st.integers(1, 40), chunk=st.integers(1, 50),
-       exclude=st.booleans(), seed=st.integers(0, 1000))
-def test_tiled_nearest_matches_a_full_sort(n, k, batch, chunk, exclude, seed):
+       slices=st.integers(1, 6), exclude=st.booleans(), seed=st.integers(0, 1000))
+def test_tiled_nearest_matches_a_full_sort(n, k, batch, chunk, slices, exclude, seed):
     """The tiled neighbour search gives what sorting every similarity gives, whatever the tile sizes."""
     from latentlab.fewshot import nearest
 
@@ -277,9 +277,32 @@ def test_tiled_nearest_matches_a_full_sort(n, k, batch, chunk, exclude, seed):
     if exclude:
         similarity.fill_diagonal_(-float("inf"))
     expected = similarity.sort(dim=1, descending=True).indices[:, :k]
-    distances, indices = nearest(points, points, k, exclude_self=exclude, batch_size=batch, chunk=chunk)
+    distances, indices = nearest(points, points, k, exclude_self=exclude, batch_size=batch, chunk=chunk,
+                                 slices=slices)
     assert torch.equal(indices, expected)
     assert torch.allclose(distances, (points[:, None] - points[expected]).norm(dim=2), atol=1e-3)
+
+
+@settings(max_examples=50, deadline=None)
+@given(rows=st.integers(1, 6), slices=st.integers(1, 8), width=st.integers(1, 12), k=st.integers(1, 12),
+       ties=st.booleans(), seed=st.integers(0, 1000))
+def test_best_in_tile_is_topk(rows, slices, width, k, ties, seed):
+    """The two-step pick (maxima across slices, then their candidates) gives topk's values, and columns that
+    hold those values; without ties, topk's very columns."""
+    from latentlab.fewshot import best_in_tile
+
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(rows, slices * width, generator=generator)
+    if ties:  # few distinct values, and some -inf, as the own-point mask leaves
+        values = values.round()
+        values[values < -1] = -float("inf")
+    top, columns = best_in_tile(values, k, slices)
+    expected = values.topk(min(k, values.shape[1]), dim=1)
+    assert torch.equal(top, expected.values)
+    assert torch.equal(values.gather(1, columns), top)
+    assert all(len(set(row.tolist())) == len(row) for row in columns)  # k different columns
+    if not ties:
+        assert torch.equal(columns, expected.indices)
 
 
 def test_a_digit_without_labels_is_found_by_the_uniform_decision():
