@@ -68,12 +68,13 @@ STAGES = [
 # Two at a time: which ready stage this process takes first, and which may go to the child process beside it
 # (the long ones that run as fast on one thread). The autoencoder runs alone on every core: all but the
 # classifier wait for it. Then the two sides should finish together, as the evaluation waits for all: on 2 CPU
-# cores the few-label stage (116 s) and the GAN (48 s) here, the classifier, cGAN, flow and baselines (172 s)
-# beside. (The cGAN last had left one core idle for 53 s; the baselines beside the flow had left this one
-# idle for 25 s while they finished.)
-MAIN_ORDER = ("autoencoder", "fewshot", "classifier", "gan", "cgan", "flow", "baselines", "interpolation",
+# cores the few-label stage (90 s), the flow (35 s) and the baselines (34 s) here, the classifier, cGAN, GAN
+# and interpolation (152 s) beside; with --quick 21 s here and 19 s beside. (With the GAN here after a faster
+# few-label stage, this side had waited 30 s for the baselines beside; the cGAN last had left one core idle
+# for 53 s.)
+MAIN_ORDER = ("autoencoder", "fewshot", "flow", "baselines", "classifier", "gan", "cgan", "interpolation",
               "evaluation", "report")
-BESIDE_ORDER = ("classifier", "cgan", "flow", "baselines", "gan", "fewshot", "interpolation")
+BESIDE_ORDER = ("classifier", "cgan", "gan", "interpolation", "flow", "baselines", "fewshot")
 ALONE = ("autoencoder",)
 
 
