@@ -1,3 +1,4 @@
+import copy
 import json
 import shutil
 
@@ -321,3 +322,36 @@ def test_a_digit_without_labels_is_found_by_the_uniform_decision():
     uniform = decisions["poisson_uniform"]
     assert np.mean(uniform[labels == 0] == 0) > 0.9 and np.mean(uniform == labels) > 0.95
     assert np.mean(decisions["poisson"] == labels) < 0.91  # the zeros went to other digits
+
+
+@pytest.mark.parametrize("vmapped", [False, True])
+def test_stacked_copies_train_as_each_would_alone(vmapped):
+    """Trained together (the CPU's loop, or the GPU's vmap, here on the CPU), each draw's copy of an encoder
+    and head ends where the same model trained alone on its own examples ends."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from latentlab.models import Encoder, adam
+
+    torch.manual_seed(0)
+    models = [nn.Sequential(Encoder(latent_dim=8, width=4), fewshot.make_head([(16, "sigmoid")], 8))
+              for _ in range(3)]
+    inputs, labels = torch.rand(3, 12, 1, 28, 28), torch.randint(0, 10, (3, 12))
+    stacked = fewshot.Stacked(models, vmapped=vmapped)
+    for _ in range(5):
+        stacked.step(inputs, labels)
+    together = stacked.predict(inputs.flatten(0, 1))
+    for i, model in enumerate(models):
+        alone = copy.deepcopy(model)
+        optimizer = adam(alone.parameters(), torch.device("cpu"), lr=fewshot.LEARNING_RATE)
+        for _ in range(5):
+            optimizer.zero_grad()
+            F.cross_entropy(alone(inputs[i]), labels[i]).backward()
+            optimizer.step()
+        with torch.no_grad():
+            logits = alone(inputs.flatten(0, 1))
+        assert (logits.argmax(1).numpy() == together[i]).mean() > 0.97
+        copy_logits = stacked.copies()[i](inputs.flatten(0, 1))
+        assert torch.allclose(copy_logits, logits, atol=1e-4)
+        assert not torch.allclose(model(inputs.flatten(0, 1)), logits, atol=1e-4)  # it did train
