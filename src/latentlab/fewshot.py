@@ -4,7 +4,8 @@ Two parts, both on the same label draws (5 per digit by default, several draws w
 1. the reference study: MLPs trained on the frozen codes, and the same MLPs stacked on a copy of the
    encoder and fine-tuned end to end (the run's autoencoder is never changed);
 2. graph-based semi-supervised learning, which also uses the 55k unlabelled training codes: Poisson
-   learning (graphlearning) on a kNN graph of the whitened codes, then a 10-NN vote labels new codes;
+   learning (graphlearning's method and edge weights; every draw in one torch solve) on a kNN graph of the
+   whitened codes, then a 10-NN vote labels new codes;
    the same again on the codes of deskewed images (`deskew_*`), whose neighbourhoods are cleaner.
 
 Labels reach the classifiers through one door: `reveal(train_labels, indices)` is the only read of
