@@ -103,7 +103,7 @@ def train_flow(cfg: FlowConfig, codes: torch.Tensor, labels: torch.Tensor, *, se
     # cosine decay to zero: the last steps refine at a small step size
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
     keep = copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else model
-    averaged = list(zip(keep.parameters(), model.parameters())) if cfg.ema > 0 else []
+    averages, currents = (list(keep.parameters()), list(model.parameters())) if cfg.ema > 0 else ([], [])
     codes, labels = codes.to(device), labels.to(device)
     # every random draw comes from one seeded generator on the device, so a seed repeats the run there
     rng = torch.Generator(device=device).manual_seed(seed)
@@ -128,8 +128,8 @@ def train_flow(cfg: FlowConfig, codes: torch.Tensor, labels: torch.Tensor, *, se
         schedule.step()
         with torch.no_grad():
             decay = ema_decay(step, cfg.ema)  # with a warm-up (models.py)
-            for average, current in averaged:
-                average.lerp_(current, 1 - decay)
+            if averages:  # one call for every tensor, as the GANs do
+                torch._foreach_lerp_(averages, currents, 1 - decay)
             running += loss.detach()
         if step % cfg.log_every == 0 or step == cfg.steps:
             mean = running.item() / ((step - 1) % cfg.log_every + 1)   # one host sync per log_every steps
