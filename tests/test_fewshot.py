@@ -355,3 +355,22 @@ def test_stacked_copies_train_as_each_would_alone(vmapped):
         copy_logits = stacked.copies()[i](inputs.flatten(0, 1))
         assert torch.allclose(copy_logits, logits, atol=1e-4)
         assert not torch.allclose(model(inputs.flatten(0, 1)), logits, atol=1e-4)  # it did train
+
+
+@settings(max_examples=40, deadline=None)
+@given(counts=st.lists(st.integers(1, 9), min_size=2, max_size=10), seed=st.integers(0, 1000))
+def test_poisson_sources_give_every_class_the_same_weight(counts, seed):
+    """Each class's labels carry the same total in its column, every column sums to zero, and a balanced draw
+    gets graphlearning's source (onehot - mean) exactly."""
+    rng = np.random.default_rng(seed)
+    local = rng.permutation(np.repeat(np.arange(len(counts)), counts))
+    indices = rng.choice(100, len(local), replace=False)
+    sources, groups = fewshot.poisson_sources(100, [indices], [(np.arange(len(counts)), local)])
+    sources = sources.numpy()
+    assert sources.shape == (100, len(counts)) and (groups.numpy() == 0).all()
+    own = [sources[indices[local == c], c].sum() for c in range(len(counts))]
+    assert np.allclose(own, own[0])
+    assert np.allclose(sources.sum(0), 0)
+    if len(set(counts)) == 1:
+        onehot = np.eye(len(counts))[local]
+        assert np.array_equal(sources[indices], onehot - onehot.mean(axis=0))
