@@ -36,12 +36,15 @@ def machine(device: str) -> str:
 
 def pipeline_table(out: Path, quick: bool, device: str) -> None:
     cmd = [sys.executable, "-m", "latentlab", "run", "--out", str(out), "--device", device] + (["--quick"] if quick else [])
+    log = out.parent / f"{out.name}.log"  # beside the run folder: the pipeline's own output, read on failure
     start = time.perf_counter()
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"the pipeline failed: {' '.join(cmd)}")
+        tail = log.read_text(errors="replace").replace("\r", "\n").splitlines()[-25:]
+        sys.exit(f"the pipeline failed after {wall:.1f} s: {' '.join(cmd)}\n" + "\n".join(tail))
     stages = json.loads((out / "stages.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
     throughput = {}

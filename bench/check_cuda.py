@@ -1,0 +1,146 @@
+"""The device-only paths against their twins, on small synthetic data (needs a GPU; about a minute):
+
+- the GANs' device-graph steps against the same steps launched one by one (same seed: the same weights);
+- Poisson learning's stacked solve on the GPU against the CPU's;
+- the Gaussian mixture fitted on the GPU (scikit-learn's array-API dispatch) against the CPU's fit;
+- the few-label MLPs stacked by vmap against the loop over copies.
+
+    python bench/check_cuda.py
+
+Each check prints one line; the script exits non-zero if any check failed or crashed.
+"""
+import os
+import sys
+import time
+import traceback
+
+os.environ.setdefault("SCIPY_ARRAY_API", "1")  # before scipy's first import, as `latentlab run --device cuda` does
+
+import numpy as np
+import torch
+
+import latentlab.gan as gan
+from latentlab.config import GANConfig
+
+CHECKS = []
+
+
+def check(name):
+    def register(fn):
+        CHECKS.append((name, fn))
+        return fn
+    return register
+
+
+def run_checks(device) -> list[str]:
+    """Run every check; each prints one line. Returns the names of those that failed or crashed."""
+    failures = []
+    for name, fn in CHECKS:
+        start = time.perf_counter()
+        try:
+            ok, line = fn(device)
+        except Exception:
+            ok, line = False, "crashed:\n" + traceback.format_exc()
+        print(f"{'ok  ' if ok else 'FAIL'} {name} ({time.perf_counter() - start:.1f} s): {line}", flush=True)
+        if not ok:
+            failures.append(name)
+    return failures
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def mixture_codes(n: int, dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(10, (n,), generator=g)
+    centres = torch.randn(10, dim, generator=g) * 2
+    return centres[labels] + torch.randn(n, dim, generator=g) * 0.5, labels
+
+
+@check("GAN: CUDA-graph steps = eager steps")
+def gan_graphs(device):
+    codes, labels = mixture_codes(5000)
+    codes, labels = codes.to(device), labels.to(device)
+    cfg = GANConfig(steps=2000, checkpoint_every=10_000, log_every=500)
+    results = {}
+    for mode in ("graphs", "eager"):
+        original = gan.capture_steps
+        if mode == "eager":
+            gan.capture_steps = lambda *args: {}  # never captured: every step launched kernel by kernel
+        try:
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            start = time.perf_counter()
+            generator, history = gan.train_gan(cfg, codes, labels, seed=3)
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            seconds = time.perf_counter() - start
+        finally:
+            gan.capture_steps = original
+        results[mode] = (torch.cat([p.flatten() for p in generator.parameters()]), history, seconds)
+    gap = relative(results["graphs"][0], results["eager"][0])
+    losses = results["graphs"][1]["loss_d"][-1], results["eager"][1]["loss_d"][-1]
+    line = (f"weights differ by {gap:.2e} (relative); last loss_d {losses[0]:.4f} vs {losses[1]:.4f}; "
+            f"{cfg.steps / results['graphs'][2]:,.0f} vs {cfg.steps / results['eager'][2]:,.0f} steps/s")
+    return gap < 1e-3 and np.isfinite(losses).all(), line
+
+
+@check("Poisson: stacked solve on CUDA = on the CPU")
+def poisson(device):
+    from latentlab.fewshot import code_graph, poisson_sources, poisson_solve
+
+    codes, labels = mixture_codes(4000)
+    weights, _ = code_graph(codes, 10)
+    rng = np.random.default_rng(0)
+    draws = [rng.choice(4000, 20, replace=False) for _ in range(3)]
+    columns = [np.unique(labels.numpy()[d], return_inverse=True) for d in draws]
+    sources, groups = poisson_sources(4000, draws, columns)
+    on_cpu = poisson_solve(weights, sources, groups)
+    on_gpu = poisson_solve(weights, sources.to(device), groups.to(device)).cpu()
+    width = [len(c) for c, _ in columns]
+    agree = np.mean([float((a.argmax(1) == b.argmax(1)).double().mean())
+                     for a, b in zip(on_cpu.split(width, 1), on_gpu.split(width, 1))])
+    finite = on_cpu.isfinite().all(1)  # a code whose edges all vanish has degree 0: NaN on both devices
+    gap = relative(on_gpu[finite], on_cpu[finite])
+    same_nan = bool((on_gpu.isfinite().all(1) == finite).all())
+    return gap < 1e-3 and agree > 0.999 and same_nan, (f"relative gap {gap:.2e} over {int(finite.sum())} of 4000 codes "
+                                                       f"(the same NaN rows: {same_nan}), argmax agree {agree:.5f}")
+
+
+@check("GMM: fitted on CUDA by array-API dispatch, log-likelihood near the CPU fit's")
+def gmm(device):
+    from latentlab.evaluate import fit_gmm
+
+    codes, _ = mixture_codes(6000)
+    train, val = codes[:5000], codes[5000:]
+    _, on_gpu = fit_gmm(train.to(device), val.to(device), 10, seed=0)
+    _, on_cpu = fit_gmm(train, val, 10, seed=0)
+    line = (f"fitted on {on_gpu['fitted_on']} {on_gpu.get('cuda_fallback', '')}: val log-likelihood "
+            f"{on_gpu['val_log_likelihood']:.3f} vs CPU {on_cpu['val_log_likelihood']:.3f}")
+    return on_gpu["fitted_on"].startswith("cuda") and on_gpu["val_log_likelihood"] > on_cpu["val_log_likelihood"] - 0.5, line
+
+
+@check("few-label MLPs: vmap-stacked copies = the loop over copies, on CUDA")
+def stacked(device):
+    from latentlab.fewshot import Stacked, make_head
+
+    torch.manual_seed(0)
+    models = [make_head(((128, "sigmoid"), (512, "sigmoid")), 16).to(device) for _ in range(4)]
+    codes, labels = mixture_codes(4 * 50 + 1000)
+    inputs, targets = codes[:200].reshape(4, 50, 16).to(device), labels[:200].reshape(4, 50).to(device)
+    predictions = []
+    for vmapped in (True, False):
+        stack = Stacked(models, vmapped=vmapped)
+        for _ in range(100):
+            stack.step(inputs, targets)
+        predictions.append(stack.predict(codes[200:].to(device)))
+    agree = float((predictions[0] == predictions[1]).mean())
+    return agree > 0.99, f"after 100 steps, the two paths' predictions agree on {agree:.4f} of 4 x 1000 codes"
+
+
+if __name__ == "__main__":
+    # --cpu: the same checks on the CPU (the twins then run on one device: a check of this script itself)
+    on = torch.device("cpu" if "--cpu" in sys.argv else "cuda")
+    if on.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device: these checks need a GPU (--cpu runs them on the CPU)")
+    print(torch.__version__, torch.cuda.get_device_name() if on.type == "cuda" else "CPU", flush=True)
+    sys.exit(1 if run_checks(on) else 0)
