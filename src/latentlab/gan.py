@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from latentlab import pixels
 from latentlab.config import GANConfig
 from latentlab.errors import LatentlabError
-from latentlab.models import (Autoencoder, CodeStats, Discriminator, Generator, adam, decode, device_of,
+from latentlab.models import (Autoencoder, CodeStats, Discriminator, Generator, adam, capture_step, decode, device_of,
                               ema_decay)
 from latentlab.runfolder import Run
 
@@ -199,23 +199,8 @@ def train_gan(cfg: GANConfig, codes: torch.Tensor, labels: torch.Tensor | None =
 
 
 def capture_steps(train_step, static_index, static_noise, kinds, optimizers) -> dict:
-    """One CUDA graph per kind of step (False: plain, True: with R1), each replaying a whole D+G update.
-
-    The eager steps before this warmed every kernel up; gradients are set to None before each capture so
-    that every graph owns the gradient buffers its backward writes and its optimizer steps read.
-    """
-    graphs = {}
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for kind in kinds:
-            for optimizer in optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            graphs[kind] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graphs[kind], stream=stream):
-                train_step(static_index, static_noise, kind)
-    torch.cuda.current_stream().wait_stream(stream)
-    return graphs
+    """One CUDA graph per kind of step (False: plain, True: with R1), each replaying a whole D+G update."""
+    return {kind: capture_step(train_step, optimizers, static_index, static_noise, kind) for kind in kinds}
 
 
 def generate_codes(gan: LatentGAN, noise: torch.Tensor, labels: torch.Tensor | None = None,
