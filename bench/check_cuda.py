@@ -112,6 +112,37 @@ def flow_graphs(device):
     return gap < 1e-3 and np.isfinite(losses).all(), line
 
 
+@check("autoencoder and classifier: CUDA-graph steps = eager steps")
+def conv_graphs(device):
+    import latentlab.autoencoder as autoencoder
+    import latentlab.classifier as classifier
+    from latentlab.config import AutoencoderConfig, ClassifierConfig
+
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(3000, 1, 28, 28, generator=g), torch.randint(10, (3000,), generator=g).numpy()
+    lines, ok = [], True
+    for module, train in (
+            (autoencoder, lambda: autoencoder.train_autoencoder(AutoencoderConfig(epochs=2), images[:2500], images[2500:],
+                                                                seed=0, device=device)),
+            (classifier, lambda: classifier.train_classifier(ClassifierConfig(epochs=2), images[:2500], labels[:2500],
+                                                             images[2500:], labels[2500:], seed=0, device=device))):
+        weights = {}
+        for mode in ("graphs", "eager"):
+            original = module.capture_step
+            if mode == "eager":
+                module.capture_step = lambda *args: None
+            try:
+                model, history = train()
+            finally:
+                module.capture_step = original
+            weights[mode] = torch.cat([p.detach().flatten() for p in model.parameters()])
+        gap = relative(weights["graphs"], weights["eager"])
+        # the classifier's dropout may draw other random numbers in a graph than eagerly: a looser bound
+        ok = ok and gap < (1e-3 if module is autoencoder else 5e-2)
+        lines.append(f"{module.__name__.split('.')[-1]} weights differ by {gap:.2e}")
+    return ok, "; ".join(lines)
+
+
 @check("Poisson: stacked solve on CUDA = on the CPU")
 def poisson(device):
     from latentlab.fewshot import code_graph, poisson_sources, poisson_solve

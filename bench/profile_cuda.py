@@ -55,7 +55,7 @@ def conv_steps():
             if "contiguous" in variant:
                 model = model.to(memory_format=torch.contiguous_format)
             graph = "graph" in variant
-            optimizer = adam(model.parameters(), DEVICE, lr=1e-3, capturable=graph)
+            optimizer = adam(model.parameters(), lr=1e-3, capturable=graph)
 
             def step(index):
                 x, y = images[index], labels[index]

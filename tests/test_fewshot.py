@@ -264,6 +264,9 @@ def test_stacked_torch_solve_matches_graphlearning_draw_by_draw():
         assert np.abs(u[:, 10 * i:10 * (i + 1)] - reference).max() < 1e-2 * np.abs(reference).max()
         assert (u[:, 10 * i:10 * (i + 1)].argmax(1) == reference.argmax(1)).mean() > 0.99
         assert (labels_of[i]["poisson"] == np.unique(y)[reference.argmax(1)]).mean() > 0.99
+    # the draws' decisions made in threads are the same decisions, in the draws' order
+    threaded = fewshot.poisson_labels(weights, draws, labelled, 0.75, torch.device("cpu"), workers=2)
+    assert all(set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a) for a, b in zip(labels_of, threaded))
 
 
 @settings(max_examples=25, deadline=None)
@@ -344,7 +347,7 @@ def test_stacked_copies_train_as_each_would_alone(vmapped):
     together = stacked.predict(inputs.flatten(0, 1))
     for i, model in enumerate(models):
         alone = copy.deepcopy(model)
-        optimizer = adam(alone.parameters(), torch.device("cpu"), lr=fewshot.LEARNING_RATE)
+        optimizer = adam(alone.parameters(), lr=fewshot.LEARNING_RATE)
         for _ in range(5):
             optimizer.zero_grad()
             F.cross_entropy(alone(inputs[i]), labels[i]).backward()

@@ -101,6 +101,27 @@ def test_stages_side_by_side_record_both(tmp_path, tiny_run, monkeypatch):
     assert metrics["gan"]["steps"] == config.gan.steps
 
 
+def test_gpu_schedule_starts_the_long_stages_first_and_orders_every_stage():
+    """On a GPU the few-label stage goes first here and the baselines after the classifier beside (no GPU needed:
+    the schedule only reads the device's type)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    assert set(pipeline.GPU_MAIN_ORDER) == set(pipeline.stage_names())
+    assert set(pipeline.GPU_BESIDE_ORDER) <= set(pipeline.stage_names()) - set(pipeline.ALONE)
+    gpu = pipeline.Schedule(SimpleNamespace(ctx=SimpleNamespace(device=torch.device("cuda"))),
+                            list(pipeline.stage_names()), done=set(), beside=True)
+    assert gpu._take(gpu.main_order) == "autoencoder"
+    gpu.done.add("autoencoder")
+    assert gpu._take(gpu.main_order) == "fewshot" and gpu._take(gpu.beside_order, only=True) == "classifier"
+    gpu.done.add("classifier")
+    assert gpu._take(gpu.beside_order, only=True) == "baselines"
+    cpu = pipeline.Schedule(SimpleNamespace(ctx=SimpleNamespace(device=torch.device("cpu"))),
+                            list(pipeline.stage_names()), done=set(), beside=True)
+    assert (cpu.main_order, cpu.beside_order) == (pipeline.MAIN_ORDER, pipeline.BESIDE_ORDER)
+
+
 def test_missing_output_makes_a_stage_undone(tmp_path, three_stages):
     run = Run(tmp_path / "r", create=True)
     Pipeline(run, tiny_config()).run_all(workers=1)

@@ -9,7 +9,7 @@ from latentlab import figures
 from latentlab.config import AutoencoderConfig
 from latentlab.context import Context, set_threads, write_codes
 from latentlab.errors import LatentlabError
-from latentlab.models import Autoencoder, CodeStats, adam, batched, decode, device_of, inference_batch
+from latentlab.models import Autoencoder, CodeStats, adam, batched, capture_step, decode, device_of, inference_batch
 from latentlab.runfolder import Run
 
 
@@ -46,21 +46,36 @@ def train_autoencoder(cfg: AutoencoderConfig, train: torch.Tensor, val: torch.Te
     steps_per_epoch = len(train) // cfg.batch_size
     if steps_per_epoch < 1:
         raise LatentlabError(f"autoencoder: batch size {cfg.batch_size} is larger than the {len(train)} training images")
-    optimizer = adam(model.parameters(), device, lr=cfg.lr)
+    on_cuda = device.type == "cuda"
+    optimizer = adam(model.parameters(), lr=cfg.lr, capturable=on_cuda)
     generator = torch.Generator().manual_seed(seed)
+    total = torch.zeros((), device=device)  # the epoch's summed loss, on the device, read once an epoch
+
+    def train_step(batch: torch.Tensor) -> None:
+        x = train[batch]                                            # (B, 1, 28, 28)
+        loss = F.binary_cross_entropy_with_logits(model.decoder.logits(model.encoder(x)), x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total.add_(loss.detach())
+
+    # on CUDA each step is one CUDA graph replay after a few eager ones: 3.0 -> 0.55 ms a step on an H200
+    static_batch, graph = torch.zeros(cfg.batch_size, dtype=torch.long, device=device), None
     history = {"train_bce": [], "val_bce": [], "val_mse": []}
     bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="autoencoder", unit="step", leave=False, mininterval=0.5)
     for epoch in range(cfg.epochs):
         model.train()
         order = torch.randperm(len(train), generator=generator).to(device)
-        total = torch.zeros((), device=device)
+        total.zero_()
         for step in range(steps_per_epoch):
-            x = train[order[step * cfg.batch_size:(step + 1) * cfg.batch_size]]  # (B, 1, 28, 28)
-            loss = F.binary_cross_entropy_with_logits(model.decoder.logits(model.encoder(x)), x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
+            batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            if on_cuda and graph is None and epoch * steps_per_epoch + step >= 3:
+                graph = capture_step(train_step, [optimizer], static_batch)
+            if graph is not None:
+                static_batch.copy_(batch)
+                graph.replay()
+            else:
+                train_step(batch)
             bar.update()
         val_bce, val_mse = mean_loss(model, val)
         history["train_bce"].append(total.item() / steps_per_epoch)

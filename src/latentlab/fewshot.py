@@ -14,6 +14,7 @@ holds training codes only, so every method here is inductive: test images are ne
 """
 import copy
 import time
+from concurrent.futures import ThreadPoolExecutor
 import warnings
 
 import numpy as np
@@ -29,7 +30,7 @@ from tqdm import tqdm
 from latentlab import figures
 from latentlab.classifier import predict_proba, train_classifier
 from latentlab.config import ClassifierConfig, FewshotConfig
-from latentlab.context import Context, set_threads, sub_seed
+from latentlab.context import Context, cpu_budget, set_threads, sub_seed
 from latentlab.errors import LatentlabError
 from latentlab.models import CONV_FORMAT, adam, batched, inference_batch
 from latentlab.runfolder import write_json
@@ -110,7 +111,7 @@ class Stacked:
         else:
             self.models = [copy.deepcopy(m).to(memory_format=CONV_FORMAT) for m in models]
             weights = [w for m in self.models for w in m.parameters()]
-        self.optimizer = adam(weights, device, lr=LEARNING_RATE)
+        self.optimizer = adam(weights, lr=LEARNING_RATE)
 
     def _logits(self, params, buffers, inputs):
         return functional_call(self.base, (params, buffers), (inputs,))
@@ -357,40 +358,44 @@ def poisson_sources(n: int, draws: list[np.ndarray], columns) -> tuple[torch.Ten
 
 
 def poisson_labels(weights, draws: list[np.ndarray], labelled: list[np.ndarray], balance: float,
-                   device) -> list[dict[str, np.ndarray]]:
+                   device, workers: int = 1) -> list[dict[str, np.ndarray]]:
     """Labels of every training code by Poisson learning for every draw (one stacked solve), with four
     decisions: `poisson` (argmax), `poisson_volume` (class sizes forced to the label frequencies, graphlearning's
     class_priors), `poisson_balanced` (the geometric middle, weights ** balance: sizes pulled
     towards the priors without forcing them; digits are not exactly equally frequent) and `poisson_uniform`
     (the same pull towards equal class sizes). A random draw with no label of one digit: in `poisson_uniform`
     that digit is a class too, with the score Poisson learning gives a class without labels (u = 0 everywhere),
-    balanced fully to its tenth of the codes, as nothing but its share speaks for it."""
+    balanced fully to its tenth of the codes, as nothing but its share speaks for it.
+    The draws' decisions are made by `workers` threads (numpy's sorts and argmaxes release the GIL)."""
     columns = [np.unique(labels, return_inverse=True) for labels in labelled]  # a random draw can miss a digit
     sources, groups = poisson_sources(weights.shape[0], draws, columns)
     u = poisson_solve(weights, sources.to(device), groups.to(device)).cpu().numpy()
-    results, start = [], 0
-    for classes, local in columns:
-        block = u[:, start:start + len(classes)]
-        start += len(classes)
-        scores = (block - block.min()) / (block.max() - block.min())  # graphlearning's normalisation
-        priors = np.bincount(local) / len(local)
-        w = balance_weights(scores, priors)
-        missing = np.setdiff1d(np.arange(DIGITS), classes)
-        if len(missing) == 1:  # the codes no label reaches are that digit (two or more missing could not be named)
-            unlabelled = (0 - block.min()) / (block.max() - block.min())   # u = 0, normalised as the other scores
-            every = np.hstack([scores, np.full((len(scores), 1), unlabelled)])
-            digits = np.append(classes, missing)
-            uniform_labels = digits[np.argmax(every * balance_weights(every, np.full(DIGITS, 1 / DIGITS)), axis=1)]
-        else:  # the same pull towards equal class sizes: the digits are about equally frequent, whereas a random
-            # draw's label frequencies are a noisy guess (on balanced draws the two are the same)
-            equal = np.full(len(classes), 1 / len(classes))
-            uniform = w if np.array_equal(priors, equal) else balance_weights(scores, equal)
-            uniform_labels = classes[np.argmax(scores * uniform ** balance, axis=1)]
-        results.append({"poisson": classes[np.argmax(scores, axis=1)],
-                        "poisson_balanced": classes[np.argmax(scores * w ** balance, axis=1)],
-                        "poisson_uniform": uniform_labels,
-                        "poisson_volume": classes[np.argmax(scores * w, axis=1)]})
-    return results
+    starts = np.cumsum([0] + [len(classes) for classes, _ in columns])
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return list(pool.map(lambda i: decisions(u[:, starts[i]:starts[i + 1]], *columns[i], balance),
+                             range(len(columns))))
+
+
+def decisions(block: np.ndarray, classes: np.ndarray, local: np.ndarray, balance: float) -> dict[str, np.ndarray]:
+    """One draw's four decisions from its Poisson scores `block` (n, its classes); see poisson_labels."""
+    scores = (block - block.min()) / (block.max() - block.min())  # graphlearning's normalisation
+    priors = np.bincount(local) / len(local)
+    w = balance_weights(scores, priors)
+    missing = np.setdiff1d(np.arange(DIGITS), classes)
+    if len(missing) == 1:  # the codes no label reaches are that digit (two or more missing could not be named)
+        unlabelled = (0 - block.min()) / (block.max() - block.min())   # u = 0, normalised as the other scores
+        every = np.hstack([scores, np.full((len(scores), 1), unlabelled)])
+        digits = np.append(classes, missing)
+        uniform_labels = digits[np.argmax(every * balance_weights(every, np.full(DIGITS, 1 / DIGITS)), axis=1)]
+    else:  # the same pull towards equal class sizes: the digits are about equally frequent, whereas a random
+        # draw's label frequencies are a noisy guess (on balanced draws the two are the same)
+        equal = np.full(len(classes), 1 / len(classes))
+        uniform = w if np.array_equal(priors, equal) else balance_weights(scores, equal)
+        uniform_labels = classes[np.argmax(scores * uniform ** balance, axis=1)]
+    return {"poisson": classes[np.argmax(scores, axis=1)],
+            "poisson_balanced": classes[np.argmax(scores * w ** balance, axis=1)],
+            "poisson_uniform": uniform_labels,
+            "poisson_volume": classes[np.argmax(scores * w, axis=1)]}
 
 
 def deskew(images: torch.Tensor) -> torch.Tensor:
@@ -508,7 +513,9 @@ def graph_methods(ctx: Context, cfg: FewshotConfig, codes: dict, draws, labelled
     test_neighbours, val_neighbours = nearest_train(codes["test"]), nearest_train(codes["val"])
     timings[f"{prefix}graph"] = time.perf_counter() - t
     t = time.perf_counter()
-    train_labels = poisson_labels(weights, draws, labelled, cfg.balance, ctx.device)
+    # the decisions in threads: all the cores beside a GPU, else the stage's own share of them
+    workers = cpu_budget() if ctx.device.type == "cuda" else ctx.threads
+    train_labels = poisson_labels(weights, draws, labelled, cfg.balance, ctx.device, workers)
     for train_predictions in train_labels:
         for name, predictions in train_predictions.items():
             scores.add(prefix + name, [vote(predictions, test_neighbours)], [vote(predictions, val_neighbours)])

@@ -104,7 +104,7 @@ def train_flow(cfg: FlowConfig, codes: torch.Tensor, labels: torch.Tensor, *, se
     on_cuda = device.type == "cuda"
     # the learning rate is a device tensor, so that a captured step reads the schedule's current value
     lr = torch.tensor(float(cfg.lr), device=device)
-    optimizer = adam(model.parameters(), device, lr=lr, capturable=on_cuda)
+    optimizer = adam(model.parameters(), lr=lr, capturable=on_cuda)
     keep = copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else model
     averages, currents = (list(keep.parameters()), list(model.parameters())) if cfg.ema > 0 else ([], [])
     codes, labels = codes.to(device), labels.to(device)

@@ -99,8 +99,8 @@ def train_gan(cfg: GANConfig, codes: torch.Tensor, labels: torch.Tensor | None =
     netG = Generator(cfg.noise_dim, codes.shape[1], cfg.hidden, num_classes).to(device)
     netD = Discriminator(codes.shape[1], cfg.hidden, num_classes).to(device)
     on_cuda = device.type == "cuda"
-    optimizerG = adam(netG.parameters(), device, lr=cfg.lr, betas=(0.5, 0.999), capturable=on_cuda)
-    optimizerD = adam(netD.parameters(), device, lr=cfg.lr, betas=(0.5, 0.999), capturable=on_cuda)
+    optimizerG = adam(netG.parameters(), lr=cfg.lr, betas=(0.5, 0.999), capturable=on_cuda)
+    optimizerD = adam(netD.parameters(), lr=cfg.lr, betas=(0.5, 0.999), capturable=on_cuda)
     # an exponential moving average of G's weights samples better than G's last step (Yazici et al. 2019)
     keep = copy.deepcopy(netG).requires_grad_(False) if cfg.ema > 0 else netG
     averaged, current = list(keep.parameters()), list(netG.parameters())

@@ -21,12 +21,11 @@ def batched(fn, inputs: torch.Tensor, device, batch_size: int | None = None) -> 
                       for i in range(0, len(inputs), batch_size)])
 
 
-def adam(params, device, **options) -> torch.optim.Adam:
-    """Adam for parameters on `device`. On the CPU its fused form, one kernel per tensor for the whole update
-    instead of ~10 ops per tensor: updating the cGAN's G and D weights took 758 -> 216 us (GAN steps 5-15%
-    faster, the flow's 13%). CUDA keeps torch's default, which the GANs' captured CUDA graphs were built on."""
-    fused = torch.device(device).type == "cpu"
-    return torch.optim.Adam(params, fused=fused or None, **options)
+def adam(params, **options) -> torch.optim.Adam:
+    """Adam in its fused form, one kernel per tensor (CPU) or for all tensors (CUDA) for the whole update instead
+    of ~10 ops per tensor: on the CPU the cGAN's G and D updates took 758 -> 216 us (GAN steps 5-15% faster, the
+    flow's 13%); on an H200 the cGAN's captured steps ran 1,456 -> 1,983 a second."""
+    return torch.optim.Adam(params, fused=True, **options)
 
 
 def capture_step(step, optimizers, *static) -> torch.cuda.CUDAGraph:
