@@ -112,12 +112,15 @@ def flow_graphs(device):
     return gap < 1e-3 and np.isfinite(losses).all(), line
 
 
-@check("autoencoder and classifier: CUDA-graph steps = eager steps")
+@check("autoencoder and classifier: CUDA-graph steps = eager steps, within eager runs' own spread")
 def conv_graphs(device):
+    """cuDNN's convolutions are not bit-reproducible (their backward sums in no fixed order), so the graph's
+    weights are compared with two eager runs' difference, not with zero."""
     import latentlab.autoencoder as autoencoder
     import latentlab.classifier as classifier
     from latentlab.config import AutoencoderConfig, ClassifierConfig
 
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as a run's Context sets it
     g = torch.Generator().manual_seed(0)
     images, labels = torch.rand(3000, 1, 28, 28, generator=g), torch.randint(10, (3000,), generator=g).numpy()
     lines, ok = [], True
@@ -127,19 +130,18 @@ def conv_graphs(device):
             (classifier, lambda: classifier.train_classifier(ClassifierConfig(epochs=2), images[:2500], labels[:2500],
                                                              images[2500:], labels[2500:], seed=0, device=device))):
         weights = {}
-        for mode in ("graphs", "eager"):
+        for mode in ("graphs", "eager", "eager again"):
             original = module.capture_step
-            if mode == "eager":
+            if mode != "graphs":
                 module.capture_step = lambda *args: None
             try:
                 model, history = train()
             finally:
                 module.capture_step = original
             weights[mode] = torch.cat([p.detach().flatten() for p in model.parameters()])
-        gap = relative(weights["graphs"], weights["eager"])
-        # the classifier's dropout may draw other random numbers in a graph than eagerly: a looser bound
-        ok = ok and gap < (1e-3 if module is autoencoder else 5e-2)
-        lines.append(f"{module.__name__.split('.')[-1]} weights differ by {gap:.2e}")
+        gap, spread = relative(weights["graphs"], weights["eager"]), relative(weights["eager again"], weights["eager"])
+        ok = ok and gap <= max(10 * spread, 1e-6)
+        lines.append(f"{module.__name__.split('.')[-1]}: graph vs eager {gap:.2e}, eager vs eager {spread:.2e}")
     return ok, "; ".join(lines)
 
 

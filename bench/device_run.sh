@@ -18,10 +18,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.used,clocks.sm --format=csv,no
 nproc
 
 echo "== CUDA checks"
-timeout 45 python3 bench/check_cuda.py
+timeout 35 python3 bench/check_cuda.py
 
 echo "== quick"
-if ! timeout 45 python3 bench/run_all.py --device cuda --no-stages --quick --keep "$work/quick"; then
+if ! timeout 40 python3 bench/run_all.py --device cuda --no-stages --quick --keep "$work/quick"; then
   # a failing stage stops the run: try every stage on its own, so that one bug does not hide the others
   for stage in train-ae train-classifier fewshot train-gan train-cgan train-flow interpolate evaluate report; do
     echo "-- $stage"; timeout 30 python3 -m latentlab "$stage" --run "$work/quick" --device cuda 2>&1 | tail -4
@@ -33,7 +33,7 @@ cp "$work/quick/metrics.json" "$out/quick_metrics.json"
 
 for name in first second; do
   echo "== default, $name run"
-  timeout "$([ $name = first ] && echo 90 || echo 70)" python3 bench/run_all.py --device cuda --no-stages --keep "$work/$name"
+  timeout "$([ $name = first ] && echo 80 || echo 65)" python3 bench/run_all.py --device cuda --no-stages --keep "$work/$name"
   cp "$work/$name/metrics.json" "$out/${name}_metrics.json" 2>/dev/null
   cp "$work/$name/stages.json" "$out/${name}_stages.json" 2>/dev/null
 done
