@@ -120,7 +120,6 @@ def conv_graphs(device):
     import latentlab.classifier as classifier
     from latentlab.config import AutoencoderConfig, ClassifierConfig
 
-    torch.backends.cudnn.benchmark = device.type == "cuda"  # as a run's Context sets it
     g = torch.Generator().manual_seed(0)
     images, labels = torch.rand(3000, 1, 28, 28, generator=g), torch.randint(10, (3000,), generator=g).numpy()
     lines, ok = [], True

@@ -96,10 +96,6 @@ class Context:
         self._autoencoder: Autoencoder | None = None
         self._code_stats: CodeStats | None = None
         self._codes: dict[str, torch.Tensor] | None = None  # None: DIR/codes.pt not read yet
-        if self.device.type == "cuda":
-            # cuDNN's autotuner: each conv shape tries cuDNN's kernels once and keeps the fastest. With its default
-            # heuristics the autoencoder's captured step still took ~3 ms on an H200, GPU-bound (0.55 ms tuned).
-            torch.backends.cudnn.benchmark = True
 
     @property
     def dataset(self) -> data.Dataset:
