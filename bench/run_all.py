@@ -34,9 +34,9 @@ def machine(device: str) -> str:
     return f"{where}, torch {torch.__version__}, commit {commit.strip() or 'unknown'}"
 
 
-def pipeline_table(out: Path, quick: bool, device: str) -> None:
+def pipeline_table(out: Path, quick: bool, device: str, log: Path) -> None:
+    """Run the pipeline into `out`, its output into `log` (its tail is printed if it fails), and print the table."""
     cmd = [sys.executable, "-m", "latentlab", "run", "--out", str(out), "--device", device] + (["--quick"] if quick else [])
-    log = out.parent / f"{out.name}.log"  # beside the run folder: the pipeline's own output, read on failure
     start = time.perf_counter()
     with open(log, "wb") as sink:
         process = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
@@ -98,7 +98,7 @@ def main():
     quick = ["--quick"] if args.quick else []
     with tempfile.TemporaryDirectory() as folder:
         run = Path(args.keep) if args.keep else Path(folder) / "run"
-        pipeline_table(run, args.quick, args.device)
+        pipeline_table(run, args.quick, args.device, Path(folder) / "pipeline.log")
         if args.no_stages:
             return
         benchmarks = [

@@ -90,9 +90,8 @@ def train_flow(cfg: FlowConfig, codes: torch.Tensor, labels: torch.Tensor, *, se
     """Train on standardised `codes` (N, D) with their digits (N,); returns the field to keep and a loss history.
 
     The kept field is the exponential moving average of the weights when cfg.ema > 0. The step count, the
-    learning rate and the summed loss live on the device, which is read once every cfg.log_every steps. The
-    random draws of a window of steps are made in one go; on CUDA each step is then one CUDA graph replay
-    (eager, the step's ~150 small kernels took 4 ms on an H200).
+    learning rate and the summed loss live on the device, which is read once every cfg.log_every steps. On CUDA
+    each step is one CUDA graph replay (eager, the step's ~150 small kernels took 4 ms on an H200).
     """
     import copy
 
@@ -130,22 +129,26 @@ def train_flow(cfg: FlowConfig, codes: torch.Tensor, labels: torch.Tensor, *, se
                 torch._foreach_lerp_(averages, currents, [1 - decay] * len(averages))
             running.add_(loss.detach())
 
-    batch = cfg.batch_size
+    def draw() -> tuple[torch.Tensor, ...]:  # a step's codes, dropped digits, noise and times, in this order
+        index = torch.randint(len(codes), (cfg.batch_size,), generator=rng, device=device)
+        drop = torch.rand(cfg.batch_size, generator=rng, device=device) < cfg.label_dropout
+        x0 = torch.randn(cfg.batch_size, codes.shape[1], generator=rng, device=device)
+        if cfg.time_sampling == "logit_normal":  # more of the middle times, where the digit gets decided (SD3)
+            return index, drop, x0, torch.sigmoid(torch.randn(cfg.batch_size, generator=rng, device=device))
+        return index, drop, x0, torch.rand(cfg.batch_size, generator=rng, device=device)
+
+    batch, width = cfg.batch_size, codes.shape[1]   # the buffers a captured step reads, refilled before each replay
     static = (torch.zeros(batch, dtype=torch.long, device=device), torch.zeros(batch, dtype=torch.bool, device=device),
-              torch.zeros(batch, codes.shape[1], device=device), torch.zeros(batch, device=device))
+              torch.zeros(batch, width, device=device), torch.zeros(batch, device=device))
     graph, history, step = None, {"step": [], "loss": []}, 0
     bar = tqdm(total=cfg.steps, desc=name, unit="step", leave=False, mininterval=0.5)
     while step < cfg.steps:
         size = min(cfg.log_every - step % cfg.log_every, cfg.steps - step)   # up to the next record or the end
-        indices = torch.randint(len(codes), (size, batch), generator=rng, device=device)
-        drops = torch.rand(size, batch, generator=rng, device=device) < cfg.label_dropout
-        noises = torch.randn(size, batch, codes.shape[1], generator=rng, device=device)
-        if cfg.time_sampling == "logit_normal":  # more of the middle times, where the digit gets decided (SD3)
-            times = torch.sigmoid(torch.randn(size, batch, generator=rng, device=device))
-        else:
-            times = torch.rand(size, batch, generator=rng, device=device)
-        for drawn in zip(indices, drops, noises, times):
+        for _ in range(size):
             step += 1
+            # drawn step by step: drawing a window's steps in one go (other draws for the same seed) scored worse
+            # with no digit, 33.2 against 31.1 mean Frechet distance over four seeds, each seed worse
+            drawn = draw()
             if on_cuda and graph is None and step > 3:  # after eager steps that warm every kernel up
                 graph = capture_step(train_step, [optimizer], *static)
             if graph is not None:
