@@ -59,7 +59,7 @@ def train_autoencoder(cfg: AutoencoderConfig, train: torch.Tensor, val: torch.Te
         optimizer.step()
         total.add_(loss.detach())
 
-    # on CUDA each step is one CUDA graph replay after a few eager ones: 3.0 -> 0.55 ms a step on an H200
+    # on CUDA each step is one CUDA graph replay after a few eager ones (training 8.1 -> 5.2-6.0 s on an H200)
     static_batch, graph = torch.zeros(cfg.batch_size, dtype=torch.long, device=device), None
     history = {"train_bce": [], "val_bce": [], "val_mse": []}
     bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="autoencoder", unit="step", leave=False, mininterval=0.5)

@@ -14,8 +14,8 @@ holds training codes only, so every method here is inductive: test images are ne
 """
 import copy
 import time
-from concurrent.futures import ThreadPoolExecutor
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.sparse as sparse

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from latentlab import pixels
 from latentlab.config import GANConfig
 from latentlab.errors import LatentlabError
-from latentlab.models import (Autoencoder, CodeStats, Discriminator, Generator, adam, capture_step, decode, device_of,
-                              ema_decay)
+from latentlab.models import (Autoencoder, CodeStats, Discriminator, Generator, adam, capture_step, decode,
+                              device_of, ema_decay)
 from latentlab.runfolder import Run
 
 NUM_CLASSES = 10

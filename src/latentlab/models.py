@@ -29,8 +29,8 @@ def adam(params, **options) -> torch.optim.Adam:
 
 
 def capture_step(step, optimizers, *static) -> torch.cuda.CUDAGraph:
-    """A CUDA graph of `step(*static)`, one whole training step (forward, backward, optimizer) in one launch: a
-    small net's step is ~100-200 kernels, and launching them one by one costs far more than running them.
+    """A CUDA graph of `step(*static)`: a training step (forward, backward, optimizer; or only the first two) in
+    one launch. A small net's step is ~100-200 kernels, and launching them one by one costs more than running them.
     Call it after a few eager steps (they choose cuDNN's kernels and create the optimizers' state, which must be
     capturable); then fill the `static` tensors and replay. Gradients are set to None first, so that the graph
     owns the buffers its backward writes and its optimizer steps read."""

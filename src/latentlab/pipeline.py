@@ -76,8 +76,9 @@ STAGES = [
 MAIN_ORDER = ("autoencoder", "fewshot", "flow", "baselines", "classifier", "gan", "cgan", "interpolation",
               "evaluation", "report")
 BESIDE_ORDER = ("classifier", "cgan", "gan", "interpolation", "flow", "baselines", "fewshot")
-# On a GPU the stages' lengths differ (an H200: few-label 13 s, baselines 11 s, GAN 6 s, cGAN 5 s, flow, classifier
-# and autoencoder about 3 s each): the few-label stage here and the baselines beside start first, the rest after.
+# On a GPU the stages' lengths differ (an H200 at 100bef9: few-label 12-13 s, baselines 10-12 s alone and 16-20 s
+# beside it, autoencoder 7, classifier 6, GAN 5-6, cGAN 4.5, flow 2): the two long ones start first, the few-label
+# stage here and the baselines beside after the classifier, and the generators follow.
 GPU_MAIN_ORDER = ("autoencoder", "fewshot", "flow", "cgan", "gan", "interpolation", "evaluation", "baselines",
                   "classifier", "report")
 GPU_BESIDE_ORDER = ("classifier", "baselines", "gan", "cgan", "interpolation", "flow")
