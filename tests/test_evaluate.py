@@ -89,6 +89,23 @@ def test_conditional_accuracy_counts_samples_classified_as_asked(gan_run):
         assert right["accuracy_per_digit"][str(d)] == pytest.approx(np.mean(predicted[:500][labels == d] == d))
 
 
+def test_the_test_reference_is_made_once_per_classifier_checkpoint(gan_run, tmp_path):
+    """The baselines and the evaluation share the test images' features while the classifier is the same one."""
+    import os
+
+    from latentlab.evaluate import reference_of_test_images
+
+    run = Run(shutil.copytree(gan_run.root, tmp_path / "r", ignore=shutil.ignore_patterns(".lock")))
+    ctx = Context(run, tiny_config())
+    classifier = load_classifier(run)
+    first = reference_of_test_images(ctx, classifier)
+    assert reference_of_test_images(ctx, classifier) is first
+    assert torch.equal(first.features, embed(classifier, ctx.images("test"))[0])
+    checkpoint = run.checkpoints / "classifier.pt"
+    os.utime(checkpoint, ns=(checkpoint.stat().st_atime_ns, checkpoint.stat().st_mtime_ns + 1_000_000))  # retrained
+    assert reference_of_test_images(ctx, classifier) is not first
+
+
 def test_gmm_fits_the_modes_and_scores_validation():
     rng = np.random.default_rng(0)
     centres = np.array([[-6.0, 0.0], [0.0, 6.0], [6.0, 0.0]])
