@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import latentlab.gan as gan
+import latentlab.models as models
 from latentlab.config import GANConfig
 
 CHECKS = []
@@ -58,30 +59,39 @@ def mixture_codes(n: int, dim: int = 16, seed: int = 0, spread: float = 0.5) -> 
     return centres[labels] + torch.randn(n, dim, generator=g) * spread, labels
 
 
+def trained(train, device, eager: bool, module=models, name="capture_step", never=lambda *args: None):
+    """(weights, history, seconds) of `train()`; with `eager`, `module.name` is replaced so nothing is captured
+    and every step is launched kernel by kernel."""
+    original = getattr(module, name)
+    if eager:
+        setattr(module, name, never)
+    try:
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        start = time.perf_counter()
+        model, history = train()
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        seconds = time.perf_counter() - start
+    finally:
+        setattr(module, name, original)
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), history, seconds
+
+
+def same_training(captured, eager, loss: str, steps: int) -> tuple[bool, str]:
+    gap = relative(captured[0], eager[0])
+    losses = captured[1][loss][-1], eager[1][loss][-1]
+    return gap < 1e-3 and np.isfinite(losses).all(), (
+        f"weights differ by {gap:.2e} (relative); last {loss} {losses[0]:.4f} vs {losses[1]:.4f}; "
+        f"{steps / captured[2]:,.0f} vs {steps / eager[2]:,.0f} steps/s")
+
+
 @check("GAN: CUDA-graph steps = eager steps")
 def gan_graphs(device):
     codes, labels = mixture_codes(5000)
     codes, labels = codes.to(device), labels.to(device)
     cfg = GANConfig(steps=1000, checkpoint_every=10_000, log_every=500)
-    results = {}
-    for mode in ("graphs", "eager"):
-        original = gan.capture_steps
-        if mode == "eager":
-            gan.capture_steps = lambda *args: {}  # never captured: every step launched kernel by kernel
-        try:
-            torch.cuda.synchronize() if device.type == "cuda" else None
-            start = time.perf_counter()
-            generator, history = gan.train_gan(cfg, codes, labels, seed=3)
-            torch.cuda.synchronize() if device.type == "cuda" else None
-            seconds = time.perf_counter() - start
-        finally:
-            gan.capture_steps = original
-        results[mode] = (torch.cat([p.flatten() for p in generator.parameters()]), history, seconds)
-    gap = relative(results["graphs"][0], results["eager"][0])
-    losses = results["graphs"][1]["loss_d"][-1], results["eager"][1]["loss_d"][-1]
-    line = (f"weights differ by {gap:.2e} (relative); last loss_d {losses[0]:.4f} vs {losses[1]:.4f}; "
-            f"{cfg.steps / results['graphs'][2]:,.0f} vs {cfg.steps / results['eager'][2]:,.0f} steps/s")
-    return gap < 1e-3 and np.isfinite(losses).all(), line
+    runs = [trained(lambda: gan.train_gan(cfg, codes, labels, seed=3), device, eager, gan, "capture_steps",
+                    lambda *args: {}) for eager in (False, True)]
+    return same_training(*runs, "loss_d", cfg.steps)
 
 
 @check("flow: CUDA-graph steps = eager steps")
@@ -91,25 +101,9 @@ def flow_graphs(device):
 
     codes, labels = mixture_codes(5000)
     cfg = FlowConfig(steps=600, log_every=200)
-    results = {}
-    for mode in ("graphs", "eager"):
-        original = flow.capture_step
-        if mode == "eager":
-            flow.capture_step = lambda *args: None  # never captured: every step launched kernel by kernel
-        try:
-            torch.cuda.synchronize() if device.type == "cuda" else None
-            start = time.perf_counter()
-            model, history = flow.train_flow(cfg, codes, labels, seed=3, device=device)
-            torch.cuda.synchronize() if device.type == "cuda" else None
-            seconds = time.perf_counter() - start
-        finally:
-            flow.capture_step = original
-        results[mode] = (torch.cat([p.flatten() for p in model.parameters()]), history, seconds)
-    gap = relative(results["graphs"][0], results["eager"][0])
-    losses = results["graphs"][1]["loss"][-1], results["eager"][1]["loss"][-1]
-    line = (f"weights differ by {gap:.2e} (relative); last loss {losses[0]:.4f} vs {losses[1]:.4f}; "
-            f"{cfg.steps / results['graphs'][2]:,.0f} vs {cfg.steps / results['eager'][2]:,.0f} steps/s")
-    return gap < 1e-3 and np.isfinite(losses).all(), line
+    runs = [trained(lambda: flow.train_flow(cfg, codes, labels, seed=3, device=device), device, eager)
+            for eager in (False, True)]
+    return same_training(*runs, "loss", cfg.steps)
 
 
 @check("autoencoder and classifier: CUDA-graph steps = eager steps, within eager runs' own spread")
@@ -128,16 +122,7 @@ def conv_graphs(device):
                                                                 seed=0, device=device)),
             (classifier, lambda: classifier.train_classifier(ClassifierConfig(epochs=2), images[:2500], labels[:2500],
                                                              images[2500:], labels[2500:], seed=0, device=device))):
-        weights = {}
-        for mode in ("graphs", "eager", "eager again"):
-            original = module.capture_step
-            if mode != "graphs":
-                module.capture_step = lambda *args: None
-            try:
-                model, history = train()
-            finally:
-                module.capture_step = original
-            weights[mode] = torch.cat([p.detach().flatten() for p in model.parameters()])
+        weights = {mode: trained(train, device, mode != "graphs")[0] for mode in ("graphs", "eager", "eager again")}
         gap, spread = relative(weights["graphs"], weights["eager"]), relative(weights["eager again"], weights["eager"])
         ok = ok and gap <= max(10 * spread, 1e-6)
         lines.append(f"{module.__name__.split('.')[-1]}: graph vs eager {gap:.2e}, eager vs eager {spread:.2e}")

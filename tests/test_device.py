@@ -111,3 +111,38 @@ def test_cpu_inference_batches_keep_every_activation_under_the_mmap_threshold():
             model.eval()(images)
     assert len(sizes) > 10 and max(sizes) < 32 * 2 ** 20
     assert max(sizes) > 4 * 2 ** 20  # and the batch is not so small that the passes cost more than the work
+
+
+def test_stepper_runs_eagerly_then_replays_one_captured_step_on_each_steps_inputs(monkeypatch):
+    """The CUDA path's plumbing with a stand-in for the graph: a few eager steps, one capture, then each call
+    copies its inputs into the static buffers the graph reads and replays it; without capture, never a graph."""
+    import latentlab.models as models
+
+    seen, captures = [], []
+
+    def step(x):
+        seen.append(float(x[0]))
+
+    class Replay:  # replays what was captured: `step` over the static buffers
+        def __init__(self, fn, static):
+            self.fn, self.static = fn, static
+
+        def replay(self):
+            self.fn(*self.static)
+
+    def capture(fn, optimizers, *static):
+        captures.append(static)
+        return Replay(fn, static)
+
+    monkeypatch.setattr(models, "capture_step", capture)
+    static = (torch.zeros(2),)
+    run = models.stepper(step, [], static, capture=True, warmup=3)
+    for i in range(7):
+        run(torch.full((2,), float(i)))
+    assert len(captures) == 1 and captures[0][0] is static[0]  # the buffers themselves, refilled each step
+    assert seen == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]  # three eager steps, then four replays of each step's inputs
+    seen.clear()
+    eager = models.stepper(step, [], static, capture=False)
+    for i in range(5):
+        eager(torch.full((2,), float(i)))
+    assert seen == [0.0, 1.0, 2.0, 3.0, 4.0] and len(captures) == 1

@@ -14,7 +14,7 @@ from latentlab import pixels
 from latentlab.config import ClassifierConfig
 from latentlab.context import Context, set_threads, sub_seed
 from latentlab.errors import LatentlabError
-from latentlab.models import DigitClassifier, adam, batched, capture_step, device_of
+from latentlab.models import DigitClassifier, adam, batched, device_of, stepper
 from latentlab.runfolder import Run
 
 
@@ -61,15 +61,17 @@ def train_classifier(cfg: ClassifierConfig, train: torch.Tensor, train_labels: n
     total = torch.zeros((), device=device)  # the epoch's summed loss, on the device, read once an epoch
 
     def forward_backward(batch: torch.Tensor) -> None:  # leaves the gradients in the parameters' .grad
+        optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(train[batch]), labels[batch])
         loss.backward()
         total.add_(loss.detach())
 
     # On CUDA the forward and backward pass is one CUDA graph replay after a few eager steps (training 10.0 ->
     # 5.3-6.0 s on an H200). The optimizer steps outside it, since the one-cycle schedule changes its learning
-    # rate and momentum every step; the graph owns the .grad buffers and rewrites them, so they are never cleared.
-    on_cuda = device.type == "cuda"
-    static_batch, graph = torch.zeros(cfg.batch_size, dtype=torch.long, device=device), None
+    # rate and momentum every step; the graph owns the .grad buffers and rewrites them in every replay.
+    run_forward_backward = stepper(forward_backward, [optimizer],
+                                   (torch.zeros(cfg.batch_size, dtype=torch.long, device=device),),
+                                   capture=device.type == "cuda")
     history = {"train_loss": [], "val_accuracy": []}
     bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="classifier", unit="step", leave=False, mininterval=0.5)
     for epoch in range(cfg.epochs):
@@ -77,15 +79,7 @@ def train_classifier(cfg: ClassifierConfig, train: torch.Tensor, train_labels: n
         order = torch.randperm(len(train), generator=generator).to(device)
         total.zero_()
         for step in range(steps_per_epoch):
-            batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            if on_cuda and graph is None and epoch * steps_per_epoch + step >= 3:
-                graph = capture_step(forward_backward, [optimizer], static_batch)
-            if graph is not None:
-                static_batch.copy_(batch)
-                graph.replay()
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                forward_backward(batch)
+            run_forward_backward(order[step * cfg.batch_size:(step + 1) * cfg.batch_size])
             optimizer.step()
             schedule.step()
             bar.update()

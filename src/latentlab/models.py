@@ -46,6 +46,26 @@ def capture_step(step, optimizers, *static) -> torch.cuda.CUDAGraph:
     return graph
 
 
+def stepper(step, optimizers, static: tuple, *, capture: bool, warmup: int = 3):
+    """`step` as a function to call once per training step with that step's inputs. With `capture` (CUDA), the
+    first `warmup` calls run eagerly, the next captures `step` in a CUDA graph (capture_step) over the `static`
+    buffers, and every call from then on copies its inputs into them and replays the graph."""
+    graph, calls = None, 0
+
+    def run(*inputs) -> None:
+        nonlocal graph, calls
+        calls += 1
+        if capture and graph is None and calls > warmup:
+            graph = capture_step(step, optimizers, *static)
+        if graph is None:
+            step(*inputs)
+            return
+        for buffer, value in zip(static, inputs):
+            buffer.copy_(value)
+        graph.replay()
+    return run
+
+
 def ema_decay(step, ema: float):
     """The decay of a weight average at update `step` (the GANs count from 0, the flow from 1): it grows from 0.1
     towards `ema`, so a short run's average does not keep its random start (0.999 ** 400 = 67%). `step` an int,
