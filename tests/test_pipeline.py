@@ -186,3 +186,21 @@ def test_ctrl_c_is_one_line(tmp_path):
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
     assert "Traceback" not in stderr and "interrupted" in stderr
+
+
+def test_warming_up_leaves_a_damaged_data_file_to_the_stage_that_reads_it(tmp_path):
+    """The GPU child's head start must not print a traceback: the error comes once, from the stage, in one line."""
+    import torch
+
+    from latentlab.context import Context
+
+    (tmp_path / "data").mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        (tmp_path / "data" / name).write_bytes(b"not gzip")
+    config = tiny_config()
+    config.data_dir = str(tmp_path / "data")
+    ctx = Context(Run(tmp_path / "run", create=True), config, device=torch.device("cpu"))
+    pipeline.warm_up(ctx)  # nothing raised, nothing kept
+    with pytest.raises(LatentlabError):
+        ctx.dataset

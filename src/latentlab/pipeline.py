@@ -250,6 +250,15 @@ def label(name: str) -> str:
 
 # ---- a stage in a child process ------------------------------------------------------------------------
 
+def warm_up(ctx: Context) -> None:
+    """Ready before the first stage comes (a child started with the run on a GPU): the data read, CUDA's context
+    made. Only a head start: a damaged data file is left for the first stage that reads it to name in one line."""
+    try:
+        ctx.dataset, torch.zeros(1, device=ctx.device)
+    except Exception:
+        pass
+
+
 def _child(run_root: str, config_values: dict, device: str, connection) -> None:
     """The process beside: runs the stages it is sent, one at a time, until it is sent None. For each it sends
     back ("ok", sections, seconds, peak MB, CPU seconds) or the error. One process for every stage beside:
@@ -264,8 +273,8 @@ def _child(run_root: str, config_values: dict, device: str, connection) -> None:
     os.environ["TQDM_POSITION"] = "1"  # its progress bar under the parent's
     try:
         ctx = Context(run=Run(run_root), config=from_dict(config_values), device=resolve_device(device), threads=1)
-        if ctx.device.type == "cuda":  # ready before the first stage comes: the data read, CUDA's context made
-            ctx.dataset, torch.zeros(1, device=ctx.device)
+        if ctx.device.type == "cuda":
+            warm_up(ctx)
         while (name := connection.recv()) is not None:
             try:
                 start, cpu_start = time.perf_counter(), time.process_time()
