@@ -130,6 +130,8 @@ def train_flow(cfg: FlowConfig, codes: torch.Tensor, labels: torch.Tensor, *, se
             running.add_(loss.detach())
 
     def draw() -> tuple[torch.Tensor, ...]:  # a step's codes, dropped digits, noise and times, in this order
+        # step by step: drawing a window of steps in one go (other draws for the same seed) scored worse with no
+        # digit, 33.2 against 31.1 mean Frechet distance over four seeds, each seed worse
         index = torch.randint(len(codes), (cfg.batch_size,), generator=rng, device=device)
         drop = torch.rand(cfg.batch_size, generator=rng, device=device) < cfg.label_dropout
         x0 = torch.randn(cfg.batch_size, codes.shape[1], generator=rng, device=device)
@@ -141,16 +143,10 @@ def train_flow(cfg: FlowConfig, codes: torch.Tensor, labels: torch.Tensor, *, se
     static = (torch.zeros(batch, dtype=torch.long, device=device), torch.zeros(batch, dtype=torch.bool, device=device),
               torch.zeros(batch, width, device=device), torch.zeros(batch, device=device))
     run_step = stepper(train_step, [optimizer], static, capture=on_cuda)
-    history, step = {"step": [], "loss": []}, 0
-    bar = tqdm(total=cfg.steps, desc=name, unit="step", leave=False, mininterval=0.5)
-    while step < cfg.steps:
-        size = min(cfg.log_every - step % cfg.log_every, cfg.steps - step)   # up to the next record or the end
-        for _ in range(size):
-            step += 1
-            # drawn step by step: drawing a window's steps in one go (other draws for the same seed) scored worse
-            # with no digit, 33.2 against 31.1 mean Frechet distance over four seeds, each seed worse
-            run_step(*draw())
-        bar.update(size)
+    history = {"step": [], "loss": []}
+    bar = tqdm(range(1, cfg.steps + 1), desc=name, unit="step", leave=False, mininterval=0.5)
+    for step in bar:
+        run_step(*draw())
         if step % cfg.log_every == 0 or step == cfg.steps:
             mean = running.item() / ((step - 1) % cfg.log_every + 1)   # one host sync per log_every steps
             if not math.isfinite(mean):
