@@ -47,6 +47,7 @@ def main():
         free = unconditional_quality(classifier, real, flow.sample_images(trained, decoder, 10_000, seed=1))
         print(json.dumps({"seed": seed, "train_seconds": round(seconds, 1),
                           "frechet_distance": round(chosen["frechet_distance"], 2), "recall": round(chosen["recall"], 3),
+                          "accuracy": chosen["accuracy"], "min_digit_accuracy": chosen["min_digit_accuracy"],
                           "no_digit_frechet_distance": round(free["frechet_distance"], 2),
                           "no_digit_recall": round(free["recall"], 3)}), flush=True)
 

@@ -100,10 +100,14 @@ def flow_graphs(device):
     from latentlab.config import FlowConfig
 
     codes, labels = mixture_codes(5000)
-    cfg = FlowConfig(steps=600, log_every=200)
-    runs = [trained(lambda: flow.train_flow(cfg, codes, labels, seed=3, device=device), device, eager)
-            for eager in (False, True)]
-    return same_training(*runs, "loss", cfg.steps)
+    results = []
+    for target in ("path", "own_digit"):  # own_digit: a second forward pass inside the captured step
+        cfg = FlowConfig(steps=600, log_every=200, no_digit_target=target)
+        runs = [trained(lambda: flow.train_flow(cfg, codes, labels, seed=3, device=device), device, eager)
+                for eager in (False, True)]
+        results.append(same_training(*runs, "loss", cfg.steps))
+    return all(ok for ok, _ in results), "; ".join(f"{t}: {text}" for t, (_, text) in zip(("path", "own_digit"),
+                                                                                          results))
 
 
 @check("autoencoder and classifier: CUDA-graph steps = eager steps, within eager runs' own spread")

@@ -1,5 +1,6 @@
 """The latent flow: it learns a known 2-D mixture, repeats with its seed, round-trips its checkpoint, is scored
 beside the GANs, and `latentlab sample --model flow` works and refuses bad input in one line."""
+import dataclasses
 import shutil
 
 import numpy as np
@@ -58,6 +59,18 @@ def test_it_learns_the_modes_of_a_2d_mixture(mixture_field):
     # guidance 0 ignores the digit: the same as no digit at all
     assert torch.allclose(flow.integrate(model, noise, torch.zeros(400, dtype=torch.long), guidance=0.0),
                           flow.integrate(model, noise, None))
+
+
+def test_no_digit_trained_on_the_fields_own_digit_velocity_learns_the_mixture_too():
+    """With `no_digit_target="own_digit"` the "no digit" rows regress onto the field's own velocity for each code's
+    digit instead of the path's (x1 - x0): the same modes, with and without a digit."""
+    points, labels = mixture(2000)
+    model, _ = flow.train_flow(dataclasses.replace(TINY, no_digit_target="own_digit"), points, labels, seed=0)
+    noise = torch.randn(400, 2, generator=torch.Generator().manual_seed(1))
+    which, distance = nearest_mode(flow.integrate(model, noise, None, steps=8))
+    assert distance.median() < 0.5 and torch.bincount(which, minlength=4).min() >= 0.12 * 400
+    which, _ = nearest_mode(flow.integrate(model, noise, torch.full((400,), 2), steps=8))
+    assert (which == 2).float().mean() >= 0.9
 
 
 def test_solvers_agree_when_given_enough_steps(mixture_field):
@@ -171,7 +184,7 @@ def test_sample_errors_are_one_line(gan_run, tiny_run, tmp_path, capsys):
 @pytest.mark.parametrize("setting, message", [
     ("flow.solver=rk4", "one of euler, midpoint, heun"), ("flow.label_dropout=1", "a number in [0, 1)"),
     ("flow.ode_steps=0", "a whole number 1-1000"), ("flow.guidance=-1", "a number in [0, 20]"),
-    ("flow.embed_dim=15", "must be even"),
+    ("flow.embed_dim=15", "must be even"), ("flow.no_digit_target=mean", "one of path, own_digit"),
 ])
 def test_bad_flow_settings_are_one_line_errors(tiny_run, setting, message, capsys):
     assert main(["train-flow", "--run", str(tiny_run.root), "--set", setting]) == 2

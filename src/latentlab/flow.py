@@ -116,9 +116,19 @@ def train_flow(cfg: FlowConfig, codes: torch.Tensor, labels: torch.Tensor, *, se
         # cosine decay to zero: the last steps refine at a small step size
         lr.copy_(cfg.lr * 0.5 * (1 + torch.cos(step_count * (math.pi / cfg.steps))))
         x1, digit = codes[index], labels[index]                                         # (B, D), (B,)
-        digit = torch.where(drop, torch.full_like(digit, NO_DIGIT), digit)             # "no digit"
         xt = (1 - t[:, None]) * x0 + t[:, None] * x1                                    # the straight path
-        loss = F.mse_loss(model(xt, t, digit), x1 - x0)                                 # its velocity
+        target = x1 - x0                                                                # its velocity
+        if cfg.no_digit_target == "own_digit":
+            # "no digit" rows regress onto the field's own velocity for their code's digit: the same minimiser (the
+            # digits' fields weighted by how likely each is at x_t) without the spread between one digit's codes.
+            # The field's guess is noise at first, so the path's velocity leads until halfway. The whole batch goes
+            # through (fixed shapes for a CUDA graph): 30% more time a step on the CPU.
+            with torch.no_grad():
+                mix = (1 - 2 * step_count / cfg.steps).clamp(min=0)
+                own = mix * target + (1 - mix) * model(xt, t, digit)
+                target = torch.where(drop[:, None], own, target)
+        digit = torch.where(drop, torch.full_like(digit, NO_DIGIT), digit)             # "no digit"
+        loss = F.mse_loss(model(xt, t, digit), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -287,7 +297,8 @@ def stage(ctx) -> dict:
     figures.loss_history(history, ctx.run.figures / "flow_losses.png", title="flow matching training")
     return {"flow": {
         "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "hidden": cfg.hidden, "layers": cfg.layers,
-        "embed_dim": cfg.embed_dim, "label_dropout": cfg.label_dropout, "time_sampling": cfg.time_sampling,
+        "embed_dim": cfg.embed_dim, "label_dropout": cfg.label_dropout, "no_digit_target": cfg.no_digit_target,
+        "time_sampling": cfg.time_sampling,
         "ema": cfg.ema, "guidance": cfg.guidance, "solver": cfg.solver, "ode_steps": cfg.ode_steps,
         "parameters": sum(p.numel() for p in model.parameters()), "train_codes": len(codes),
         "device": str(ctx.device), "train_seconds": round(train_seconds, 2),
