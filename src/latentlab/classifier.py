@@ -14,6 +14,7 @@ from latentlab import pixels
 from latentlab.config import ClassifierConfig
 from latentlab.context import Context, set_threads, sub_seed
 from latentlab.errors import LatentlabError
+from latentlab.metrics import Reference
 from latentlab.models import DigitClassifier, adam, batched, device_of, stepper
 from latentlab.runfolder import Run
 
@@ -97,6 +98,19 @@ def checkpoint(model: DigitClassifier, cfg: ClassifierConfig) -> dict:
 
 def load_classifier(run: Run) -> DigitClassifier:
     return run.load_model("classifier", DigitClassifier, "train-classifier")[0]
+
+
+def reference_of_test_images(ctx: Context, classifier: DigitClassifier) -> Reference:
+    """The test images' statistics in the classifier's features: what every generator and path is compared with.
+
+    `classifier` is the run's saved one. Kept on the context while that checkpoint is unchanged, so that the
+    stages in one process (the baselines, interpolation and evaluation on a GPU) share its features and k-NN
+    radii (2-3 s on 2 CPU cores)."""
+    stamp = (ctx.run.checkpoints / "classifier.pt").stat()
+    key = (stamp.st_mtime_ns, stamp.st_size, ctx.config.evaluation.k)
+    if ctx.test_reference is None or ctx.test_reference[0] != key:
+        ctx.test_reference = key, Reference(features(classifier, ctx.images("test")), k=ctx.config.evaluation.k)
+    return ctx.test_reference[1]
 
 
 def stage(ctx: Context) -> dict:

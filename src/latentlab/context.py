@@ -96,7 +96,7 @@ class Context:
         self._autoencoder: Autoencoder | None = None
         self._code_stats: CodeStats | None = None
         self._codes: dict[str, torch.Tensor] | None = None  # None: DIR/codes.pt not read yet
-        self.test_reference = None  # (classifier checkpoint's stamp, Reference): evaluate.reference_of_test_images
+        self.test_reference = None  # (classifier checkpoint's stamp, Reference): classifier.reference_of_test_images
 
     @property
     def dataset(self) -> data.Dataset:

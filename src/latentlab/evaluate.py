@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from latentlab import figures, pixels
 from latentlab.autoencoder import decode
-from latentlab.classifier import features_and_proba, load_classifier
+from latentlab.classifier import features_and_proba, load_classifier, reference_of_test_images
 from latentlab.context import Context, set_threads, sub_seed
 from latentlab.errors import LatentlabError
 from latentlab.metrics import Reference
@@ -191,19 +191,6 @@ def targets(gan: dict, cgan: dict, baselines: dict, floor: dict) -> dict:
         "gan_beats_gmm": gan["frechet_distance"] < baselines["gmm"]["frechet_distance"],
         "cgan_beats_gmm_per_digit": cgan["frechet_distance"] < baselines["gmm_per_digit"]["frechet_distance"],
     }
-
-
-def reference_of_test_images(ctx: Context, classifier) -> Reference:
-    """The test images' statistics in the classifier's features: what every generator is compared with.
-
-    `classifier` is the run's saved one. Kept on the context while that checkpoint is unchanged, so that the
-    baselines and the evaluation, one after the other in one process, share its features and k-NN radii
-    (2-3 s on 2 CPU cores)."""
-    stamp = (ctx.run.checkpoints / "classifier.pt").stat()
-    key = (stamp.st_mtime_ns, stamp.st_size, ctx.config.evaluation.k)
-    if ctx.test_reference is None or ctx.test_reference[0] != key:
-        ctx.test_reference = key, Reference(embed(classifier, ctx.images("test"))[0], k=ctx.config.evaluation.k)
-    return ctx.test_reference[1]
 
 
 def stage_baselines(ctx: Context) -> dict:

@@ -157,11 +157,10 @@ def stage(ctx: Context) -> dict:
     """Interpolate `pairs` random pairs of each kind, score them, and draw one example row per kind."""
     from latentlab import figures
     from latentlab.autoencoder import decode
-    from latentlab.classifier import features, load_classifier
+    from latentlab.classifier import features, load_classifier, reference_of_test_images
     from latentlab.flow import generate_codes as flow_codes
     from latentlab.flow import load_flow
     from latentlab.gan import generate_codes, load_gan
-    from latentlab.metrics import Reference
 
     cfg = ctx.config.interpolation
     set_threads(ctx.threads)
@@ -190,7 +189,7 @@ def stage(ctx: Context) -> dict:
     }
     images = {k: decode(decoder, c).view(cfg.pairs, cfg.steps, 1, 28, 28) for k, c in codes.items()}
 
-    test = Reference(features(classifier, ctx.images("test")))
+    test = reference_of_test_images(ctx, classifier)
     n_between = cfg.pairs * (cfg.steps - 2)
     val = ctx.images("val")
     floor_index = torch.randperm(len(val), generator=rng)[:n_between].to(ctx.device)
