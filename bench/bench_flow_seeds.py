@@ -2,7 +2,7 @@
 (10k samples against the test images): how much a change to the flow's training moves its scores beyond a
 seed's luck.
 
-    python bench/bench_flow_seeds.py --run runs/mnist-seed0 --seeds 1,2,3 [--set flow.steps=2000]...
+    python bench/bench_flow_seeds.py --run runs/mnist-seed0 --seeds 1,2,3 [--set flow.steps=2000]... [--device cuda]
 """
 import argparse
 import json
@@ -15,7 +15,7 @@ from latentlab import flow
 from latentlab.classifier import load_classifier
 from latentlab.cli import apply_settings
 from latentlab.config import from_dict
-from latentlab.context import Context
+from latentlab.context import Context, resolve_device
 from latentlab.evaluate import conditional_quality, reference_of_test_images, unconditional_quality
 from latentlab.runfolder import Run, read_json
 
@@ -25,27 +25,30 @@ def main():
     parser.add_argument("--run", required=True)
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--set", action="append", default=[], metavar="flow.KEY=VALUE")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as the flow stage trains
     run = Run(args.run)
     config = from_dict(read_json(run.root / "config.json"))
     apply_settings(config, args.set)
-    ctx = Context(run=run, config=config, threads=1)
-    classifier = load_classifier(run)
+    ctx = Context(run=run, config=config, device=resolve_device(args.device), threads=1)
+    classifier = load_classifier(run).to(ctx.device)
     real = reference_of_test_images(ctx, classifier)
     cfg, codes, stats = config.flow, ctx.standardised_codes("train"), ctx.code_stats
-    labels = torch.from_numpy(ctx.labels("train")).long()
+    labels = torch.from_numpy(ctx.labels("train")).long().to(ctx.device)
     digits = np.arange(10_000) % 10
     for seed in (int(s) for s in args.seeds.split(",")):
         start = time.perf_counter()
-        model, _ = flow.train_flow(cfg, codes, labels, seed=seed)
+        model, _ = flow.train_flow(cfg, codes, labels, seed=seed, device=ctx.device)
+        torch.cuda.synchronize() if ctx.device.type == "cuda" else None
         seconds = time.perf_counter() - start
         trained = flow.LatentFlow(model, stats, cfg.guidance, cfg.solver, cfg.ode_steps)
         decoder = ctx.autoencoder.decoder
         chosen = conditional_quality(classifier, real, flow.sample_images(trained, decoder, 10_000, digit=digits,
                                                                            seed=1), digits)
         free = unconditional_quality(classifier, real, flow.sample_images(trained, decoder, 10_000, seed=1))
-        print(json.dumps({"seed": seed, "train_seconds": round(seconds, 1),
+        print(json.dumps({"seed": seed, **{k: v for k, v in (x.split("=", 1) for x in args.set)},
+                          "train_seconds": round(seconds, 1),
                           "frechet_distance": round(chosen["frechet_distance"], 2), "recall": round(chosen["recall"], 3),
                           "accuracy": chosen["accuracy"], "min_digit_accuracy": chosen["min_digit_accuracy"],
                           "no_digit_frechet_distance": round(free["frechet_distance"], 2),

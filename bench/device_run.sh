@@ -1,6 +1,7 @@
 #!/bin/bash
 # One prepared call on a GPU machine: the CUDA checks, the quick study, then the default study twice, each in a
-# fresh folder (the first is the machine's first default run), each with its stage table.
+# fresh folder (the first is the machine's first default run), each with its stage table; then the flow's two
+# "no digit" targets over three training seeds.
 #   bash bench/device_run.sh OUTDIR      # wheels of packages the machine lacks, if any, in .whl/
 # Every part has its own time limit, so one that hangs still leaves the others' numbers.
 set -u
@@ -36,4 +37,11 @@ for name in first second; do
   timeout "$([ $name = first ] && echo 80 || echo 65)" python3 bench/run_all.py --device cuda --no-stages --keep "$work/$name"
   cp "$work/$name/metrics.json" "$out/${name}_metrics.json" 2>/dev/null
   cp "$work/$name/stages.json" "$out/${name}_stages.json" 2>/dev/null
+done
+
+# the flow's "no digit" target, both kinds, three training seeds each on the second run's codes (seconds on a GPU)
+for target in path own_digit; do
+  echo "== flow seeds, no_digit_target=$target"
+  timeout 60 python3 bench/bench_flow_seeds.py --run "$work/second" --seeds 1,2,3 --device cuda \
+    --set flow.no_digit_target=$target
 done
