@@ -204,3 +204,46 @@ def test_warming_up_leaves_a_damaged_data_file_to_the_stage_that_reads_it(tmp_pa
     pipeline.warm_up(ctx)  # nothing raised, nothing kept
     with pytest.raises(LatentlabError):
         ctx.dataset
+
+
+def test_the_stage_here_takes_the_idle_core_once_nothing_is_left_to_run_beside():
+    """The evaluation can start beside the interpolation's last seconds, on one thread; when the stage beside ends
+    and none is ready for the child, the context's thread budget becomes 2 (the evaluation reads it between its
+    parts). While the child has work, this process keeps one thread."""
+    import threading
+    from types import SimpleNamespace
+
+    import torch
+
+    finished = ("ok", {}, 1.0, 10.0, 1.0)  # what the child sends for a finished stage
+
+    class Done:
+        def recv(self):
+            return finished
+
+    ctx = SimpleNamespace(device=torch.device("cpu"), threads=1)
+    recorded = []
+    fake_pipeline = SimpleNamespace(ctx=ctx, record=lambda name, *args, **kwargs: recorded.append(name))
+    schedule = pipeline.Schedule(fake_pipeline, todo=["evaluation"], done=set(), beside=True)
+    schedule.main_threads = 1
+    schedule._watch("interpolation", Done(), None)
+    assert recorded == ["interpolation"] and ctx.threads == 2
+
+    gate, sent = threading.Event(), []
+
+    class Child:  # takes the next stage beside and finishes it when the gate opens
+        def send(self, name):
+            sent.append(name)
+
+        def recv(self):
+            gate.wait(10)
+            return finished
+
+    ctx.threads = 1
+    schedule = pipeline.Schedule(fake_pipeline, todo=["gan"], done={"autoencoder"}, beside=True)
+    schedule.main_threads, schedule.process, schedule.connection = 1, object(), Child()
+    schedule._watch("cgan", Done(), None)
+    assert sent == ["gan"] and ctx.threads == 1  # the child took the GAN: one thread each
+    gate.set()
+    schedule.watcher.join(10)
+    assert recorded[-1] == "gan" and ctx.threads == 2

@@ -234,6 +234,7 @@ def stage(ctx: Context) -> dict:
     def lap(name):  # wall seconds of each part, for the report
         nonlocal start
         seconds[name], start = round(time.perf_counter() - start, 2), time.perf_counter()
+        set_threads(ctx.threads)  # started beside the last stage, it takes both cores once that one ends
 
     lap("reference")
     gan_images = sample_images(gan, decoder, count, seed=sub_seed(seed, "gan-sample"))

@@ -388,6 +388,8 @@ class Schedule:
                 self.watcher = None  # this thread is about to end: not busy any more
                 if self.main_threads == 1 and self.failure is None:
                     self._start_beside()
+                    if self.watcher is None:  # nothing left to run beside: the stage here may take the idle core
+                        self.pipeline.ctx.threads = 2  # (stages that read it again between parts: evaluation)
                 self.condition.notify_all()
         except BaseException as e:  # whatever happens here, the main loop must hear of it
             with self.condition:
