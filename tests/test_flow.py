@@ -73,6 +73,23 @@ def test_no_digit_trained_on_the_fields_own_digit_velocity_learns_the_mixture_to
     assert (which == 2).float().mean() >= 0.9
 
 
+def test_rescaled_guidance_keeps_the_digits_own_speed(mixture_field):
+    """guidance_rescale=1: the guided velocity points where plain guidance does, at the length of the digit's own
+    velocity; 0 is plain guidance; in between, a mix of the two."""
+    model, _ = mixture_field
+    x, t, digit = torch.randn(64, 2, generator=torch.Generator().manual_seed(4)), 0.4, torch.full((64,), 3)
+    with torch.no_grad():
+        plain = flow.velocity(model, x, t, digit, 2.5)
+        full = flow.velocity(model, x, t, digit, 2.5, rescale=1.0)
+        half = flow.velocity(model, x, t, digit, 2.5, rescale=0.5)
+        own = flow.velocity(model, x, t, digit, 1.0)
+    assert torch.allclose(full.norm(dim=1), own.norm(dim=1), rtol=1e-5)
+    assert torch.allclose(torch.nn.functional.cosine_similarity(full, plain), torch.ones(64), atol=1e-5)
+    assert torch.allclose(half, (plain + full) / 2, atol=1e-6)
+    assert not torch.allclose(plain.norm(dim=1), own.norm(dim=1), rtol=1e-2)  # plain guidance lengthens it
+    assert torch.equal(flow.velocity(model, x, t, digit, 2.5, rescale=0.0), plain)
+
+
 def test_solvers_agree_when_given_enough_steps(mixture_field):
     model, _ = mixture_field
     noise = torch.randn(50, 2, generator=torch.Generator().manual_seed(2))
@@ -107,6 +124,18 @@ def test_checkpoint_round_trip(tmp_path, mixture_field):
     noise, digits = torch.randn(20, 2, generator=torch.Generator().manual_seed(5)), torch.arange(20) % 4
     expected = flow.integrate(model, noise, digits, steps=TINY.ode_steps) * std + mean
     assert torch.allclose(flow.generate_codes(loaded, noise, digits), expected, atol=1e-6)
+    # the guidance rescale travels with the checkpoint; one saved before the setting samples with plain guidance
+    rescaled = dataclasses.replace(TINY, guidance=2.0, guidance_rescale=0.7)
+    run.save_checkpoint("flow", flow.checkpoint(model, rescaled, CodeStats(mean, std)))
+    assert (flow.load_flow(run).guidance, flow.load_flow(run).guidance_rescale) == (2.0, 0.7)
+    older = flow.checkpoint(model, rescaled, CodeStats(mean, std))
+    del older["sampling"]["guidance_rescale"]
+    run.save_checkpoint("flow", older)
+    assert flow.load_flow(run).guidance_rescale == 0.0
+    older["sampling"]["guidance_rescale"] = 2.0
+    run.save_checkpoint("flow", older)
+    with pytest.raises(LatentlabError, match="sampling.guidance_rescale"):
+        flow.load_flow(run)
     # a flow checkpoint without its sampling settings, or with broken statistics, is refused in one line
     ckpt = flow.checkpoint(model, TINY, CodeStats(mean, std))
     del ckpt["sampling"]
@@ -185,6 +214,7 @@ def test_sample_errors_are_one_line(gan_run, tiny_run, tmp_path, capsys):
     ("flow.solver=rk4", "one of euler, midpoint, heun"), ("flow.label_dropout=1", "a number in [0, 1)"),
     ("flow.ode_steps=0", "a whole number 1-1000"), ("flow.guidance=-1", "a number in [0, 20]"),
     ("flow.embed_dim=15", "must be even"), ("flow.no_digit_target=mean", "one of path, own_digit"),
+    ("flow.guidance_rescale=1.5", "a number in [0, 1]"),
 ])
 def test_bad_flow_settings_are_one_line_errors(tiny_run, setting, message, capsys):
     assert main(["train-flow", "--run", str(tiny_run.root), "--set", setting]) == 2

@@ -63,7 +63,8 @@ FIELDS = {
     "flow": {"steps": whole(1, 10_000_000), "batch_size": whole(1, 65_536), "lr": number(0, 1, low_open=True),
              "hidden": whole(1, 8192), "layers": whole(1, 64), "embed_dim": whole(2, 4096),
              "label_dropout": number(0, 1, high_open=True), "ema": number(0, 1, high_open=True),
-             "guidance": number(0, 20), "solver": choice("euler", "midpoint", "heun"),
+             "guidance": number(0, 20), "guidance_rescale": number(0, 1),
+             "solver": choice("euler", "midpoint", "heun"),
              "time_sampling": choice("uniform", "logit_normal"), "no_digit_target": choice("path", "own_digit"),
              "ode_steps": whole(1, 1000),
              "log_every": whole(1, 10_000_000)},
@@ -361,7 +362,9 @@ def check_checkpoint(path, checkpoint: dict, kind: str) -> None:
         sampling = checkpoint.get("sampling")
         if not isinstance(sampling, dict) or not {"guidance", "solver", "ode_steps"} <= set(sampling):
             raise LatentlabError(f"{path}: sampling settings missing or unreadable; {retrain}")
-        for key in ("guidance", "solver", "ode_steps"):
+        for key in ("guidance", "solver", "ode_steps", "guidance_rescale"):  # no rescale: before the setting
+            if key not in sampling:
+                continue
             try:
                 check_value(f"sampling.{key}", sampling[key], FIELDS["flow"][key])
             except LatentlabError as e:

@@ -75,7 +75,9 @@ class FlowConfig:
                                   # 30% slower; docs/flow_sweep.md)
     time_sampling: str = "logit_normal"  # training times: "uniform" in [0, 1], or sigmoid of a standard normal
     ema: float = 0.999            # keep an exponential moving average of the weights (0 = the last step's)
-    guidance: float = 1.5         # classifier-free guidance scale for digit samples (1 = none, 0 = ignore digit)
+    guidance: float = 2.5         # classifier-free guidance scale for digit samples (1 = none, 0 = ignore digit)
+    guidance_rescale: float = 1.0  # 0-1: how far the guided velocity is scaled back to the digit's own length
+                                  # (1 with 2.5 against none with 1.5: Frechet distance 7.6 -> 6.3, recall 0.64 -> 0.67)
     solver: str = "heun"          # fixed-step ODE solver: "euler", "midpoint" or "heun"
     ode_steps: int = 8            # solver steps from noise to code
     log_every: int = 100          # loss history resolution (steps per recorded mean)

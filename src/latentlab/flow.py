@@ -4,7 +4,8 @@ A small MLP learns a velocity field v(x_t, t, digit) on the standardised AE code
 Gaussian noise x0 and a time t, takes the point on the straight path x_t = (1 - t) x0 + t x1 and regresses
 v onto the path's velocity x1 - x0. The digit is replaced by a "no digit" class (index 10) at rate
 `label_dropout`, so one network samples a chosen digit or any digit, and classifier-free guidance
-(Ho & Salimans 2022) mixes the two: v = v(no digit) + guidance * (v(digit) - v(no digit)).
+(Ho & Salimans 2022) mixes the two: v = v(no digit) + guidance * (v(digit) - v(no digit)), rescaled towards the
+digit's own speed (Lin et al. 2024), so that guidance turns the path rather than speeding along it.
 Sampling integrates dx/dt = v from noise at t=0 to a code at t=1 with a fixed-step solver; the map from
 noise to code is deterministic, so noise-space interpolation means something here too.
 
@@ -75,6 +76,7 @@ class LatentFlow:
     guidance: float
     solver: str
     ode_steps: int
+    guidance_rescale: float = 0.0   # 0 = plain classifier-free guidance (checkpoints from before the setting)
 
     @property
     def latent_dim(self) -> int:
@@ -175,8 +177,12 @@ def train_flow(cfg: FlowConfig, codes: torch.Tensor, labels: torch.Tensor, *, se
 # sampling: integrate dx/dt = v(x, t) from noise (t=0) to a code (t=1)
 
 
-def velocity(model: VelocityField, x: torch.Tensor, t: float, digit: torch.Tensor | None, guidance: float):
-    """The guided velocity at time t; digit None (or guidance 0) is the unconditional field."""
+def velocity(model: VelocityField, x: torch.Tensor, t: float, digit: torch.Tensor | None, guidance: float,
+             rescale: float = 0.0):
+    """The guided velocity at time t; digit None (or guidance 0) is the unconditional field.
+
+    `rescale` in [0, 1] moves the guided velocity towards the length of the digit's own (per sample): plain guidance
+    also lengthens it, which overshoots and crowds the samples together (docs/flow_sweep.md)."""
     times = torch.full((len(x),), t, device=x.device)
     no_digit = torch.full((len(x),), NO_DIGIT, dtype=torch.long, device=x.device)
     if digit is None or guidance == 0:
@@ -185,25 +191,29 @@ def velocity(model: VelocityField, x: torch.Tensor, t: float, digit: torch.Tenso
         return model(x, times, digit)
     both = model(torch.cat([x, x]), torch.cat([times, times]), torch.cat([digit, no_digit]))  # one pass
     v_digit, v_none = both.chunk(2)
-    return v_none + guidance * (v_digit - v_none)
+    guided = v_none + guidance * (v_digit - v_none)
+    if rescale:
+        ratio = v_digit.norm(dim=1, keepdim=True) / guided.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        guided = torch.lerp(guided, guided * ratio, rescale)
+    return guided
 
 
 @torch.no_grad()
 def integrate(model: VelocityField, noise: torch.Tensor, digit: torch.Tensor | None = None, *,
-              guidance: float = 1.0, solver: str = "heun", steps: int = 8) -> torch.Tensor:
+              guidance: float = 1.0, rescale: float = 0.0, solver: str = "heun", steps: int = 8) -> torch.Tensor:
     """Noise (N, D) [and digits (N,)] -> standardised codes (N, D) after `steps` fixed steps of `solver`."""
     if solver not in SOLVERS:
         raise LatentlabError(f"solver {solver!r}: choose {', '.join(SOLVERS)}")
     x, dt = noise, 1.0 / steps
     for i in range(steps):
         t = i * dt
-        v = velocity(model, x, t, digit, guidance)
+        v = velocity(model, x, t, digit, guidance, rescale)
         if solver == "euler":
             x = x + dt * v
         elif solver == "midpoint":
-            x = x + dt * velocity(model, x + dt / 2 * v, t + dt / 2, digit, guidance)
+            x = x + dt * velocity(model, x + dt / 2 * v, t + dt / 2, digit, guidance, rescale)
         else:  # heun: average the slopes at both ends of the step
-            x = x + dt / 2 * (v + velocity(model, x + dt * v, t + dt, digit, guidance))
+            x = x + dt / 2 * (v + velocity(model, x + dt * v, t + dt, digit, guidance, rescale))
     return x
 
 
@@ -220,6 +230,7 @@ def generate_codes(flow: LatentFlow, noise: torch.Tensor, digits: torch.Tensor |
     for i in range(0, len(noise), batch_size):
         digit = None if digits is None else digits[i:i + batch_size].to(device)
         out.append(integrate(flow.model, noise[i:i + batch_size].to(device), digit, guidance=guidance,
+                             rescale=flow.guidance_rescale,
                              solver=flow.solver, steps=steps))
     return flow.stats.restore(torch.cat(out))
 
@@ -250,7 +261,8 @@ def checkpoint(model: VelocityField, cfg: FlowConfig, stats: CodeStats) -> dict:
                        "embed_dim": cfg.embed_dim},
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "code_mean": stats.mean.cpu(), "code_std": stats.std.cpu(),
-        "sampling": {"guidance": cfg.guidance, "solver": cfg.solver, "ode_steps": cfg.ode_steps},
+        "sampling": {"guidance": cfg.guidance, "guidance_rescale": cfg.guidance_rescale, "solver": cfg.solver,
+                     "ode_steps": cfg.ode_steps},
     }
 
 
@@ -264,7 +276,7 @@ def load_flow(run: Run, device="cpu") -> LatentFlow:
     stats = CodeStats(ckpt["code_mean"].float().to(device), ckpt["code_std"].float().to(device))
     sampling = ckpt["sampling"]
     return LatentFlow(model.to(device), stats, float(sampling["guidance"]), sampling["solver"],
-                      sampling["ode_steps"])
+                      sampling["ode_steps"], float(sampling.get("guidance_rescale", 0.0)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -286,20 +298,22 @@ def stage(ctx) -> dict:
     train_seconds = time.perf_counter() - start
     ctx.run.save_checkpoint("flow", checkpoint(model, cfg, stats))
 
-    flow = LatentFlow(model, stats, cfg.guidance, cfg.solver, cfg.ode_steps)
+    flow = LatentFlow(model, stats, cfg.guidance, cfg.solver, cfg.ode_steps, cfg.guidance_rescale)
     start = time.perf_counter()
     digits = np.repeat(np.arange(NUM_CLASSES), 10)      # row r = digit r, from fixed noise
     images = sample_images(flow, ctx.autoencoder.decoder, 100, digit=digits, seed=ctx.config.seed)
     sample_seconds = time.perf_counter() - start
     figures.grid_figure(images, ctx.run.figures / "flow_samples.png", rows=10, cols=10, row_labels=range(10),
-                        title=f"latent flow ({cfg.solver}, {cfg.ode_steps} steps, guidance {cfg.guidance:g}): "
+                        title=f"latent flow ({cfg.solver}, {cfg.ode_steps} steps, guidance {cfg.guidance:g}"
+                              f"{f' rescaled {cfg.guidance_rescale:g}' if cfg.guidance_rescale else ''}): "
                               "one row per digit")
     figures.loss_history(history, ctx.run.figures / "flow_losses.png", title="flow matching training")
     return {"flow": {
         "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "hidden": cfg.hidden, "layers": cfg.layers,
         "embed_dim": cfg.embed_dim, "label_dropout": cfg.label_dropout, "no_digit_target": cfg.no_digit_target,
         "time_sampling": cfg.time_sampling,
-        "ema": cfg.ema, "guidance": cfg.guidance, "solver": cfg.solver, "ode_steps": cfg.ode_steps,
+        "ema": cfg.ema, "guidance": cfg.guidance, "guidance_rescale": cfg.guidance_rescale, "solver": cfg.solver,
+        "ode_steps": cfg.ode_steps,
         "parameters": sum(p.numel() for p in model.parameters()), "train_codes": len(codes),
         "device": str(ctx.device), "train_seconds": round(train_seconds, 2),
         "sample_100_seconds": round(sample_seconds, 3), "final_loss": history["loss"][-1], "history": history,
@@ -310,7 +324,7 @@ def stage(ctx) -> dict:
 # scored in the evaluation stage, beside the GANs (it holds the classifier and the test features)
 
 SWEEP_STEPS = (1, 2, 4, 8, 16, 32)
-SWEEP_GUIDANCE = (0.0, 1.0, 1.5, 2.0, 3.0, 4.0)
+SWEEP_GUIDANCE = (0.0, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
 TARGETS = {"accuracy": 0.99, "min_digit_accuracy": 0.98, "fd_over_exact_codes": 1.15, "recall": 0.7,
            "digit_share": (0.08, 0.12)}
 
@@ -378,8 +392,9 @@ def evaluate_flow(ctx, classifier, real, floor: dict, baselines: dict, gans: dic
     by_steps = {str(s): score(steps=s) for s in SWEEP_STEPS}
     by_guidance = {f"{g:g}": score(guidance=g) for g in SWEEP_GUIDANCE}
     exact = floor["train_reconstruction_frechet_distance"]
-    note = (f"{n} digit samples per point ({flow.solver}; steps at guidance {flow.guidance:g}, guidance at "
-            f"{flow.ode_steps} steps); the distance of a smaller sample runs higher")
+    rescaled = f" rescaled {flow.guidance_rescale:g}" if flow.guidance_rescale else ""
+    note = (f"{n} digit samples per point ({flow.solver}; steps at guidance {flow.guidance:g}{rescaled}, guidance"
+            f"{rescaled} at {flow.ode_steps} steps); the distance of a smaller sample runs higher")
     figures.flow_sweep({s: v["frechet_distance"] for s, v in by_steps.items()},
                        {g: v["frechet_distance"] for g, v in by_guidance.items()}, exact,
                        ctx.run.figures / "flow_sweep.png", note=note)
@@ -402,11 +417,12 @@ def evaluate_flow(ctx, classifier, real, floor: dict, baselines: dict, gans: dic
     train = {name: metrics.get(name, {}).get("train_seconds") for name in ("gan", "cgan", "flow")}
     return {
         "quality": quality, "quality_unconditional": unconditional,
-        "sweep": {"samples": n, "solver": flow.solver, "guidance": flow.guidance, "ode_steps": flow.ode_steps,
+        "sweep": {"samples": n, "solver": flow.solver, "guidance": flow.guidance,
+                  "guidance_rescale": flow.guidance_rescale, "ode_steps": flow.ode_steps,
                   "by_ode_steps": by_steps, "by_guidance": by_guidance},
         "sampling_seconds": costs, "targets": targets,
         "verdict": verdict({**qualities, "flow": quality, "flow_no_digit": unconditional}, baselines, exact, costs,
-                           train, f"{flow.ode_steps} {flow.solver} steps at guidance {flow.guidance:g}"),
+                           train, f"{flow.ode_steps} {flow.solver} steps at guidance {flow.guidance:g}{rescaled}"),
     }
 
 
