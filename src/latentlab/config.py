@@ -72,7 +72,7 @@ class FlowConfig:
     label_dropout: float = 0.5    # share of training codes shown as "no digit", so one net samples any digit too
     no_digit_target: str = "path"  # what "no digit" rows regress onto: the path's velocity x1 - x0, or "own_digit":
                                   # the field's own for the code's digit (no digit 31 -> 23, recall 0.72 -> 0.70,
-                                  # 30% slower; docs/flow_sweep.md)
+                                  # a fifth slower to train; docs/flow_sweep.md)
     time_sampling: str = "logit_normal"  # training times: "uniform" in [0, 1], or sigmoid of a standard normal
     ema: float = 0.999            # keep an exponential moving average of the weights (0 = the last step's)
     guidance: float = 2.5         # classifier-free guidance scale for digit samples (1 = none, 0 = ignore digit)
