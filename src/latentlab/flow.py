@@ -198,6 +198,11 @@ def velocity(model: VelocityField, x: torch.Tensor, t: float, digit: torch.Tenso
     return guided
 
 
+def rescaled(rescale: float) -> str:
+    """" rescaled 1" after a guidance scale in titles, notes and the report; nothing where guidance is plain."""
+    return f" rescaled {rescale:g}" if rescale else ""
+
+
 @torch.no_grad()
 def integrate(model: VelocityField, noise: torch.Tensor, digit: torch.Tensor | None = None, *,
               guidance: float = 1.0, rescale: float = 0.0, solver: str = "heun", steps: int = 8) -> torch.Tensor:
@@ -305,8 +310,7 @@ def stage(ctx) -> dict:
     sample_seconds = time.perf_counter() - start
     figures.grid_figure(images, ctx.run.figures / "flow_samples.png", rows=10, cols=10, row_labels=range(10),
                         title=f"latent flow ({cfg.solver}, {cfg.ode_steps} steps, guidance {cfg.guidance:g}"
-                              f"{f' rescaled {cfg.guidance_rescale:g}' if cfg.guidance_rescale else ''}): "
-                              "one row per digit")
+                              f"{rescaled(cfg.guidance_rescale)}): one row per digit")
     figures.loss_history(history, ctx.run.figures / "flow_losses.png", title="flow matching training")
     return {"flow": {
         "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "hidden": cfg.hidden, "layers": cfg.layers,
@@ -391,9 +395,9 @@ def evaluate_flow(ctx, classifier, real, floor: dict, baselines: dict, gans: dic
     by_steps = {str(s): score(steps=s) for s in SWEEP_STEPS}
     by_guidance = {f"{g:g}": score(guidance=g) for g in SWEEP_GUIDANCE}
     exact = floor["train_reconstruction_frechet_distance"]
-    rescaled = f" rescaled {flow.guidance_rescale:g}" if flow.guidance_rescale else ""
-    note = (f"{n} digit samples per point ({flow.solver}; steps at guidance {flow.guidance:g}{rescaled}, guidance"
-            f"{rescaled} at {flow.ode_steps} steps); the distance of a smaller sample runs higher")
+    rescale = rescaled(flow.guidance_rescale)
+    note = (f"{n} digit samples per point ({flow.solver}; steps at guidance {flow.guidance:g}{rescale}, guidance"
+            f"{rescale} at {flow.ode_steps} steps); the distance of a smaller sample runs higher")
     figures.flow_sweep({s: v["frechet_distance"] for s, v in by_steps.items()},
                        {g: v["frechet_distance"] for g, v in by_guidance.items()}, exact,
                        ctx.run.figures / "flow_sweep.png", note=note)
@@ -421,7 +425,7 @@ def evaluate_flow(ctx, classifier, real, floor: dict, baselines: dict, gans: dic
                   "by_ode_steps": by_steps, "by_guidance": by_guidance},
         "sampling_seconds": costs, "targets": targets,
         "verdict": verdict({**qualities, "flow": quality, "flow_no_digit": unconditional}, baselines, exact, costs,
-                           train, f"{flow.ode_steps} {flow.solver} steps at guidance {flow.guidance:g}{rescaled}"),
+                           train, f"{flow.ode_steps} {flow.solver} steps at guidance {flow.guidance:g}{rescale}"),
     }
 
 

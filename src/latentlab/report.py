@@ -11,6 +11,7 @@ from pathlib import Path
 from latentlab.context import Context
 from latentlab.errors import LatentlabError
 from latentlab.fewshot import REFERENCE  # the reference report's own results: quoted, not measured here
+from latentlab.flow import rescaled
 from latentlab.runfolder import read_json, write_text
 
 
@@ -167,9 +168,9 @@ def flow_part(flow: dict, root: Path) -> str:
     """The flow against the GANs: its verdict, targets, and Frechet distance by ODE steps and guidance."""
     if "quality" not in flow:
         return ""
-    rescale = f" rescaled {flow['guidance_rescale']:g}" if flow.get("guidance_rescale") else ""
     parts = [f"**Latent flow matching** ({flow.get('solver')}, {flow.get('ode_steps')} ODE steps, guidance "
-             f"{flow.get('guidance')}{rescale}, {flow.get('steps')} training steps)."]
+             f"{flow.get('guidance')}{rescaled(flow.get('guidance_rescale', 0))}, "
+             f"{flow.get('steps')} training steps)."]
     if flow.get("verdict"):
         parts.append(f"**Verdict (flow against the GANs).** {flow['verdict']}")
     if flow.get("targets"):
