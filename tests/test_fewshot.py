@@ -114,6 +114,15 @@ def _moments(images):
     return cy, cx, (images[:, 0] * dy * dx).sum((1, 2)) / mass
 
 
+def test_whitening_scales_each_principal_direction_by_its_variance_to_the_power():
+    # variances 100 and 1 along the axes: a point (10, 1) keeps the ratio 10 ** (1 - 2 * power) of its coordinates
+    codes = torch.randn(20_000, 2, generator=torch.Generator().manual_seed(0)) * torch.tensor([10.0, 1.0])
+    for power in (0.5, fewshot.WHITEN_POWER, 0.0):
+        embedded = fewshot.whiten(codes, power)(torch.tensor([[10.0, 1.0]]))[0].abs()
+        assert embedded.norm() == pytest.approx(1.0)
+        assert embedded.max() / embedded.min() == pytest.approx(10 ** (1 - 2 * power), rel=0.03)
+
+
 def test_deskew_straightens_and_centres_a_slanted_stroke():
     import torch
 
