@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.sparse as sparse
+from scipy.sparse.csgraph import reverse_cuthill_mckee
 import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
@@ -269,7 +270,12 @@ def poisson_solve(weights, sources: torch.Tensor, groups: torch.Tensor, *, tol: 
     degree = np.asarray(w.sum(axis=1)).ravel()
     d = 1 / np.sqrt(degree)
     normalised = sparse.diags(d) @ w @ sparse.diags(d)   # D^-1/2 W D^-1/2; L x = x - normalised @ x
+    # The codes renumbered in reverse Cuthill-McKee order: linked codes get nearby numbers, so the rows of p that
+    # one sparse product reads lie close in memory (55k codes, 100 columns, one CPU thread: 47 -> 20 ms a product)
+    order = reverse_cuthill_mckee(normalised.tocsr(), symmetric_mode=True)
+    normalised, d = normalised.tocsr()[order][:, order], d[order]
     device = sources.device
+    order = torch.from_numpy(order.astype(np.int64)).to(device)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is long stable
         warnings.simplefilter("ignore", UserWarning)
         matrix = torch.sparse_csr_tensor(
@@ -277,13 +283,14 @@ def poisson_solve(weights, sources: torch.Tensor, groups: torch.Tensor, *, tol: 
                                             normalised.data)),
             size=normalised.shape, dtype=torch.float32, check_invariants=False).to(device)
     d = torch.from_numpy(d).float().to(device)[:, None]
-    b = sources.float() * d
+    b = sources[order].float() * d
     x = torch.zeros_like(b)
     r = b.clone()
     p = r.clone()
     rs_old = torch.linalg.vecdot(r, r, dim=0)
     for _ in range(max_iter):  # conjugate gradient, column by column; updates in place (7-15% faster on the CPU)
-        ap = torch.sub(p, matrix @ p)
+        ap = matrix @ p
+        ap = torch.sub(p, ap, out=ap)   # L p, in the product's own memory (a fresh 22 MB a step cost 3 ms more)
         alpha = rs_old / torch.linalg.vecdot(p, ap, dim=0).clamp_min(1e-30)
         x.addcmul_(p, alpha)
         r.addcmul_(ap, alpha, value=-1)
@@ -293,7 +300,7 @@ def poisson_solve(weights, sources: torch.Tensor, groups: torch.Tensor, *, tol: 
             break
         p.mul_(rs_new / rs_old.clamp_min(1e-30)).add_(r)
         rs_old = rs_new
-    return (x * d).double()
+    return torch.empty_like(x).index_copy_(0, order, x * d).double()   # back in the codes' own order
 
 
 def balance_weights(scores: np.ndarray, priors: np.ndarray, *, tol: float = 1e-3, max_steps: int = 1000):
