@@ -13,7 +13,7 @@ from latentlab.errors import LatentlabError
 from latentlab.models import DigitClassifier
 from latentlab.pipeline import Pipeline
 from latentlab.runfolder import Run
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, trained_run
 
 
 def test_loss_falls_when_overfitting_one_batch():
@@ -76,6 +76,20 @@ def test_stage_saves_a_checkpoint_that_loads(tiny_run, tmp_path):
     ctx = Context(run=run, config=tiny_config())
     predicted = predict_proba(load_classifier(run), ctx.images("test")).argmax(axis=1)
     assert np.mean(predicted == ctx.labels("test")) == pytest.approx(section["test_accuracy"])
+
+
+def test_runs_of_other_seeds_train_the_same_judge_on_its_own_split(tmp_path):
+    """The judge's seed is its own (classifier.seed): a run of seed 1 trains the judge a run of seed 0 trains, on
+    that seed's split, while another classifier.seed trains another judge."""
+    other_judge = tiny_config()
+    other_judge.classifier.seed = 1
+    judges = {}
+    for name, config in (("seed0", tiny_config()), ("seed1", tiny_config(seed=1)), ("judge1", other_judge)):
+        run = trained_run(tmp_path / name, config, ["classifier"])
+        judges[name] = load_classifier(run).state_dict()
+        assert run.metrics()["classifier"]["seed"] == config.classifier.seed
+    assert all(torch.equal(judges["seed0"][k], judges["seed1"][k]) for k in judges["seed0"])
+    assert not all(torch.equal(judges["seed0"][k], judges["judge1"][k]) for k in judges["seed0"])
 
 
 def test_missing_checkpoint_names_the_command(tmp_path):

@@ -84,6 +84,17 @@ def test_a_fewshot_setting_changes_no_gan_hash():
     assert changed == {"fewshot", "report"}
 
 
+def test_the_judge_keeps_its_hash_whatever_the_run_seed():
+    config = tiny_config()
+    before = pipeline.stage_hashes(config)
+    config.seed += 1
+    after = pipeline.stage_hashes(config)
+    assert after["classifier"] == before["classifier"]
+    assert {name for name in before if before[name] != after[name]} == set(before) - {"classifier"}
+    config.classifier.seed += 1
+    assert pipeline.stage_hashes(config)["classifier"] != before["classifier"]
+
+
 def test_stages_side_by_side_record_both(tmp_path, tiny_run, monkeypatch):
     """Two workers: the classifier runs in a child process beside the GAN; both are recorded with their outputs."""
     import shutil

@@ -53,7 +53,7 @@ FIELDS = {
     "autoencoder": {"latent_dim": whole(1, 1024), "width": whole(1, 256), "epochs": whole(1, 1000),
                     "batch_size": whole(1, N_TRAIN), "lr": number(0, 1, low_open=True), "train_limit": whole(0, N_TRAIN)},
     "classifier": {"epochs": whole(1, 1000), "batch_size": whole(1, N_TRAIN), "lr": number(0, 1, low_open=True),
-                   "width": whole(1, 256), "train_limit": whole(0, N_TRAIN)},
+                   "width": whole(1, 256), "train_limit": whole(0, N_TRAIN), "seed": whole(0, MAX_SEED)},
     "fewshot": {"labels_per_class": whole(1, N_TRAIN // 10), "draw": choice("balanced", "random"),
                 "draws": whole(1, 100), "epochs": whole(1, 100_000), "end_to_end_draws": whole(0, 100),
                 "curve_every": whole(1, 100_000), "curve_images": whole(1, N_VAL), "neighbours": whole(1, 1000),

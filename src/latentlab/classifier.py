@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from latentlab import pixels
+from latentlab import data, pixels
 from latentlab.config import ClassifierConfig
 from latentlab.context import Context, set_threads, sub_seed
 from latentlab.errors import LatentlabError
@@ -113,22 +113,33 @@ def reference_of_test_images(ctx: Context, classifier: DigitClassifier) -> Refer
     return ctx.test_reference[1]
 
 
+def judge_split(ctx: Context, seed: int) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
+    """The judge's training and validation images and labels: the run's own split where the seeds agree, else the
+    55k / 5k split that the judge's seed draws (the same for every run seed)."""
+    if seed == ctx.config.seed:
+        return {part: (ctx.images(part), ctx.labels(part)) for part in ("train", "val")}
+    rows = data.split_indices(seed, len(ctx.dataset.train_images))
+    return {part: (pixels.to_float(torch.from_numpy(ctx.dataset.train_images[rows[part]]).to(ctx.device)),
+                   ctx.dataset.train_labels[rows[part]]) for part in ("train", "val")}
+
+
 def stage(ctx: Context) -> dict:
-    """Train the classifier on the training split, save it, report validation and test accuracy."""
+    """Train the classifier on its split's training images, save it, report validation and test accuracy."""
     cfg = ctx.config.classifier
     set_threads(ctx.threads)
-    train, train_labels = ctx.images("train"), ctx.labels("train")
+    parts = judge_split(ctx, cfg.seed)
+    (train, train_labels), (val, val_labels) = parts["train"], parts["val"]
     if cfg.train_limit:
         train, train_labels = train[:cfg.train_limit], train_labels[:cfg.train_limit]
     start = time.perf_counter()
-    model, history = train_classifier(cfg, train, train_labels, ctx.images("val"), ctx.labels("val"),
-                                      seed=sub_seed(ctx.config.seed, "classifier"), device=ctx.device)
+    model, history = train_classifier(cfg, train, train_labels, val, val_labels,
+                                      seed=sub_seed(cfg.seed, "classifier"), device=ctx.device)
     train_seconds = time.perf_counter() - start
     ctx.run.save_checkpoint("classifier", checkpoint(model, cfg))
     return {"classifier": {
         "test_accuracy": accuracy(model, ctx.images("test"), ctx.labels("test")),
         "val_accuracy": history["val_accuracy"][-1],
-        "epochs": cfg.epochs, "train_images": len(train), "train_seconds": round(train_seconds, 2),
+        "epochs": cfg.epochs, "train_images": len(train), "train_seconds": round(train_seconds, 2), "seed": cfg.seed,
         "feature_dim": model.head[-1].in_features, "width": cfg.width, "device": str(ctx.device),
         "history": {k: [round(v, 6) for v in vs] for k, vs in history.items()},
     }}

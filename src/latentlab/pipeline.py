@@ -113,6 +113,9 @@ def stage_hashes(config: Config) -> dict[str, str]:
     hashes = {}
     for stage in STAGES:  # listed so that every stage comes after the stages it reads
         own = {"seed": values["seed"], "data_dir": values["data_dir"], **{s: values[s] for s in stage.settings}}
+        if "seed" in own.get(stage.name, {}):  # a stage with a seed of its own (the judge): the run's does not count
+            own["seed"] = own[stage.name]["seed"]
+            own[stage.name] = {k: v for k, v in own[stage.name].items() if k != "seed"}
         text = json.dumps({"stage": stage.name, "settings": own, "reads": {r: hashes[r] for r in stage.reads}},
                           sort_keys=True)
         hashes[stage.name] = hashlib.sha256(text.encode()).hexdigest()[:16]
