@@ -229,8 +229,8 @@ def code_graph(train_codes: torch.Tensor, neighbours: int):
     """A kNN graph of the training codes, built once for all draws.
 
     Distances are cosine distances after partial PCA whitening (`whiten`): it evens out the code's directions,
-    which here cleans the neighbourhoods (full-label 10-NN accuracy 97.5% -> 97.9% with full whitening). Edge weights are
-    graphlearning's self-tuned Gaussian, times the fraction of shared neighbours, which thins the
+    which here cleans the neighbourhoods (full-label 10-NN accuracy 97.5% -> 97.9% with full whitening). Edge
+    weights are graphlearning's self-tuned Gaussian, times the fraction of shared neighbours, which thins the
     few edges that bridge two digits. The neighbour search runs in torch on the codes' device.
     Returns the weight matrix (scipy sparse) and a function giving each new code's nearest training codes.
     """
@@ -673,7 +673,8 @@ def stage(ctx: Context) -> dict:
         "ablation": [{"step": step, "method": name, "seconds": round(sum(timings.get(k, 0) for k in keys), 2)}
                      for step, name, keys in ABLATION if name in methods],
         "graph": {"nodes": limit, "neighbours": cfg.neighbours, "balance": cfg.balance,
-                  "metric": f"cosine distance after partial PCA whitening of the codes (variances ** -{WHITEN_POWER:g})",
+                  "metric": "cosine distance after partial PCA whitening of the codes "
+                            f"(variances ** -{WHITEN_POWER:g})",
                   "weights": "self-tuned Gaussian x shared-neighbour fraction",
                   "solver": "conjugate gradient on the normalised Laplacian, every draw's classes in one solve",
                   "sources": "every class's labels carry the same total (graphlearning's source on a balanced draw)",
