@@ -25,8 +25,8 @@ class ClassifierConfig:
     width: int = 16           # channels of the first conv block (then 2x and 4x)
     train_limit: int = 0      # use only the first N training images (0 = all 55,000); for tests
     seed: int = 0             # the judge's own seed and train/validation split, the same whatever the run's seed:
-                              # runs of different seeds are scored with one yardstick (another judge's seed alone
-                              # moves a distance by up to 17%: README)
+                              # runs of different seeds are scored with one yardstick (another judge alone moves
+                              # a distance by a third or more: README, bench/bench_judges.py)
 
 
 @dataclass
