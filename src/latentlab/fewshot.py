@@ -270,13 +270,13 @@ def poisson_solve(weights, sources: torch.Tensor, groups: torch.Tensor, *, tol: 
     w.eliminate_zeros()
     degree = np.asarray(w.sum(axis=1)).ravel()
     d = 1 / np.sqrt(degree)
-    normalised = sparse.diags(d) @ w @ sparse.diags(d)   # D^-1/2 W D^-1/2; L x = x - normalised @ x
+    normalised = (sparse.diags(d) @ w @ sparse.diags(d)).tocsr()   # D^-1/2 W D^-1/2; L x = x - normalised @ x
     # The codes renumbered in reverse Cuthill-McKee order: linked codes get nearby numbers, so the rows of p that
     # one sparse product reads lie close in memory (55k codes, 100 columns, one CPU thread: 47 -> 20 ms a product)
-    order = reverse_cuthill_mckee(normalised.tocsr(), symmetric_mode=True)
-    normalised, d = normalised.tocsr()[order][:, order], d[order]
+    order = reverse_cuthill_mckee(normalised, symmetric_mode=True)
+    normalised, d = normalised[order][:, order], d[order]
     device = sources.device
-    order = torch.from_numpy(order.astype(np.int64)).to(device)
+    order = torch.from_numpy(order.astype(np.int64)).to(device)   # the same renumbering, for the device's tensors
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is long stable
         warnings.simplefilter("ignore", UserWarning)
         matrix = torch.sparse_csr_tensor(

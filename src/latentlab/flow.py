@@ -235,8 +235,7 @@ def generate_codes(flow: LatentFlow, noise: torch.Tensor, digits: torch.Tensor |
     for i in range(0, len(noise), batch_size):
         digit = None if digits is None else digits[i:i + batch_size].to(device)
         out.append(integrate(flow.model, noise[i:i + batch_size].to(device), digit, guidance=guidance,
-                             rescale=flow.guidance_rescale,
-                             solver=flow.solver, steps=steps))
+                             rescale=flow.guidance_rescale, solver=flow.solver, steps=steps))
     return flow.stats.restore(torch.cat(out))
 
 
