@@ -8,15 +8,16 @@ exact-codes floor), the conditional and plain GANs' samples, and the flow's with
 are drawn once (noise of seed 1), so only the judge differs between the lines.
 """
 import argparse
+import dataclasses
 import json
 
 import numpy as np
 import torch
 
 from latentlab import flow, gan, pixels
-from latentlab.classifier import accuracy, features, judge_split, load_classifier, train_classifier
+from latentlab.classifier import accuracy, features, load_classifier, train_judge
 from latentlab.config import from_dict
-from latentlab.context import Context, resolve_device, sub_seed
+from latentlab.context import Context, resolve_device
 from latentlab.evaluate import conditional_quality, unconditional_quality
 from latentlab.metrics import Reference
 from latentlab.models import decode
@@ -43,10 +44,7 @@ def main():
 
     judges = {f"run's (seed {config.classifier.seed})": load_classifier(run)}
     for seed in (int(s) for s in args.seeds.split(",")):
-        parts = judge_split(ctx, seed)
-        (train, labels), limit = parts["train"], config.classifier.train_limit or None   # as the stage does
-        judges[f"seed {seed}"], _ = train_classifier(config.classifier, train[:limit], labels[:limit], *parts["val"],
-                                                     seed=sub_seed(seed, "classifier"))
+        judges[f"seed {seed}"], _, _ = train_judge(ctx, dataclasses.replace(config.classifier, seed=seed))
     for name, judge in judges.items():
         judge.eval()
         real = Reference(features(judge, ctx.images("test")), k=config.evaluation.k)

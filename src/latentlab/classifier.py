@@ -113,33 +113,35 @@ def reference_of_test_images(ctx: Context, classifier: DigitClassifier) -> Refer
     return ctx.test_reference[1]
 
 
-def judge_split(ctx: Context, seed: int) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
-    """The judge's training and validation images and labels: the run's own split where the seeds agree, else the
-    55k / 5k split that the judge's seed draws (the same for every run seed)."""
-    if seed == ctx.config.seed:
-        return {part: (ctx.images(part), ctx.labels(part)) for part in ("train", "val")}
-    rows = data.split_indices(seed, len(ctx.dataset.train_images))
-    return {part: (pixels.to_float(torch.from_numpy(ctx.dataset.train_images[rows[part]]).to(ctx.device)),
-                   ctx.dataset.train_labels[rows[part]]) for part in ("train", "val")}
-
-
-def stage(ctx: Context) -> dict:
-    """Train the classifier on its split's training images, save it, report validation and test accuracy."""
-    cfg = ctx.config.classifier
-    set_threads(ctx.threads)
-    parts = judge_split(ctx, cfg.seed)
+def train_judge(ctx: Context, cfg: ClassifierConfig) -> tuple[DigitClassifier, dict, dict]:
+    """The judge as `cfg` makes it, the same whatever the run's seed: trained with cfg.seed on the 55k / 5k split
+    that seed draws (the run's own split, already on the device, where the seeds agree). Returns the model, its
+    history, and how many images it trained on and for how many seconds."""
+    if cfg.seed == ctx.config.seed:
+        parts = {part: (ctx.images(part), ctx.labels(part)) for part in ("train", "val")}
+    else:
+        rows = data.split_indices(cfg.seed, len(ctx.dataset.train_images))
+        parts = {part: (pixels.to_float(torch.from_numpy(ctx.dataset.train_images[rows[part]]).to(ctx.device)),
+                        ctx.dataset.train_labels[rows[part]]) for part in ("train", "val")}
     (train, train_labels), (val, val_labels) = parts["train"], parts["val"]
     if cfg.train_limit:
         train, train_labels = train[:cfg.train_limit], train_labels[:cfg.train_limit]
     start = time.perf_counter()
     model, history = train_classifier(cfg, train, train_labels, val, val_labels,
                                       seed=sub_seed(cfg.seed, "classifier"), device=ctx.device)
-    train_seconds = time.perf_counter() - start
+    return model, history, {"train_images": len(train), "train_seconds": round(time.perf_counter() - start, 2)}
+
+
+def stage(ctx: Context) -> dict:
+    """Train the classifier on its split's training images, save it, report validation and test accuracy."""
+    cfg = ctx.config.classifier
+    set_threads(ctx.threads)
+    model, history, trained = train_judge(ctx, cfg)
     ctx.run.save_checkpoint("classifier", checkpoint(model, cfg))
     return {"classifier": {
         "test_accuracy": accuracy(model, ctx.images("test"), ctx.labels("test")),
         "val_accuracy": history["val_accuracy"][-1],
-        "epochs": cfg.epochs, "train_images": len(train), "train_seconds": round(train_seconds, 2), "seed": cfg.seed,
+        "epochs": cfg.epochs, **trained, "seed": cfg.seed,
         "feature_dim": model.head[-1].in_features, "width": cfg.width, "device": str(ctx.device),
         "history": {k: [round(v, 6) for v in vs] for k, vs in history.items()},
     }}
