@@ -119,16 +119,17 @@ def test_gpu_schedule_starts_the_long_stages_first_and_orders_every_stage():
 
     import torch
 
+    alone = {"try_reuse": lambda name: False, "claim": lambda name: None}  # a run with no --reuse
     assert set(pipeline.GPU_MAIN_ORDER) == set(pipeline.stage_names())
     assert set(pipeline.GPU_BESIDE_ORDER) <= set(pipeline.stage_names()) - set(pipeline.ALONE)
-    gpu = pipeline.Schedule(SimpleNamespace(ctx=SimpleNamespace(device=torch.device("cuda"))),
+    gpu = pipeline.Schedule(SimpleNamespace(ctx=SimpleNamespace(device=torch.device("cuda")), **alone),
                             list(pipeline.stage_names()), done=set(), beside=True)
     assert gpu._take(gpu.main_order) == "autoencoder"
     gpu.done.add("autoencoder")
     assert gpu._take(gpu.main_order) == "fewshot" and gpu._take(gpu.beside_order, only=True) == "classifier"
     gpu.done.add("classifier")
     assert gpu._take(gpu.beside_order, only=True) == "baselines"
-    cpu = pipeline.Schedule(SimpleNamespace(ctx=SimpleNamespace(device=torch.device("cpu"))),
+    cpu = pipeline.Schedule(SimpleNamespace(ctx=SimpleNamespace(device=torch.device("cpu")), **alone),
                             list(pipeline.stage_names()), done=set(), beside=True)
     assert (cpu.main_order, cpu.beside_order) == (pipeline.MAIN_ORDER, pipeline.BESIDE_ORDER)
 
@@ -226,7 +227,7 @@ def test_the_stage_here_takes_the_idle_core_once_nothing_is_left_to_run_beside()
 
     import torch
 
-    finished = ("ok", {}, 1.0, 10.0, 1.0)  # what the child sends for a finished stage
+    finished = ("ok", {}, 1.0, 10.0, 1.0, [])  # what the child sends for a finished stage
 
     class Done:
         def recv(self):
@@ -234,7 +235,9 @@ def test_the_stage_here_takes_the_idle_core_once_nothing_is_left_to_run_beside()
 
     ctx = SimpleNamespace(device=torch.device("cpu"), threads=1)
     recorded = []
-    fake_pipeline = SimpleNamespace(ctx=ctx, record=lambda name, *args, **kwargs: recorded.append(name))
+    fake_pipeline = SimpleNamespace(ctx=ctx, record=lambda name, *args, **kwargs: recorded.append(name),
+                                    stage_files=lambda written: [], try_reuse=lambda name: False,
+                                    claim=lambda name: None, unclaim=lambda name: None)  # a run with no --reuse
     schedule = pipeline.Schedule(fake_pipeline, todo=["evaluation"], done=set(), beside=True)
     schedule.main_threads = 1
     schedule._watch("interpolation", Done(), None)

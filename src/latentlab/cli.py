@@ -60,6 +60,9 @@ def build_parser() -> Parser:
                    help="a smaller pipeline for a first look: smaller slices, fewer epochs and steps (measured at "
                         "commit 61406c9 on 2 idle CPU cores: 34-39 s wall, 0.9-1.3 GB peak memory)")
     p.add_argument("--force", action="store_true", help="redo every stage, even those already done")
+    p.add_argument("--reuse", action="append", default=[], metavar="PLACE",
+                   help="take each stage that a run folder here (or in this folder of run folders, such as a sweep) "
+                        "finished with the same settings, instead of making it again; may be given more than once")
     _add_common(p)
 
     for command, (_, help_text) in STAGE_COMMANDS.items():
@@ -183,9 +186,14 @@ def cmd_run(args) -> None:
     from latentlab.pipeline import Pipeline, locked
     from latentlab.runfolder import Run
 
+    for place in args.reuse:
+        if not Path(place).is_dir():
+            raise LatentlabError(f"--reuse {place}: not a folder")
     run = Run(out, create=True)
     with locked(run):
-        Pipeline(run, config).run_all(force=args.force, workers=config.stage_workers or None)
+        # --force makes every stage here, so it takes none from elsewhere either
+        Pipeline(run, config, reuse=() if args.force else tuple(args.reuse)).run_all(
+            force=args.force, workers=config.stage_workers or None)
     report = run.root / "report.html"
     print(f"latentlab: run finished in {run.root}" + (f"; report: {report}" if report.exists() else ""))
 

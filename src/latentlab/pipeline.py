@@ -25,14 +25,16 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from latentlab import reuse
 from latentlab.config import Config, from_dict, to_dict
 from latentlab.context import Context, cpu_budget, resolve_device
 from latentlab.errors import LatentlabError
-from latentlab.runfolder import Run, environment, write_json
+from latentlab.runfolder import Run, environment, recording, write_json
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ GPU_MAIN_ORDER = ("autoencoder", "fewshot", "flow", "cgan", "gan", "interpolatio
                   "classifier", "report")
 GPU_BESIDE_ORDER = ("classifier", "baselines", "gan", "cgan", "interpolation", "flow")
 ALONE = ("autoencoder",)
+# Files of the run folder as a whole, never one stage's (a stage's record lists the files it wrote, for --reuse)
+RUN_FILES = ("config.json", "metrics.json", "stages.json", "split.npz")
 
 
 def peak_rss_mb() -> float:
@@ -160,14 +164,17 @@ def default_workers() -> int:
 
 
 class Pipeline:
-    """Runs stages in a run folder, records them in stages.json and keeps config.json current."""
+    """Runs stages in a run folder, records them in stages.json and keeps config.json current. With `reuse`
+    (run folders, or folders of them), a stage finished there with the same hash is taken instead (reuse.py)."""
 
-    def __init__(self, run: Run, config: Config):
+    def __init__(self, run: Run, config: Config, reuse: tuple = ()):
         self.run = run
         self.config = config
         self.ctx = Context(run=run, config=config, device=resolve_device(config.device))
         self.hashes = stage_hashes(config)
         self._lock = threading.Lock()  # metrics.json and stages.json have one writer at a time
+        self.places = [Path(p) for p in reuse]
+        self.claims: dict[str, list] = {}  # stage -> the claim locks held while it is made
 
     def records(self) -> dict:
         from latentlab.checks import read_stages
@@ -185,7 +192,7 @@ class Pipeline:
         write_json(self.run.root / "config.json", {**to_dict(self.config), "environment": environment()})
 
     def record(self, name: str, sections: dict, seconds: float, peak_mb: float, cpu_seconds: float,
-               beside: bool = False) -> None:
+               files: list[str], beside: bool = False, reused_from: str | None = None) -> None:
         """Merge a finished stage's sections into metrics.json, record it, and forget the stages that read it."""
         with self._lock:
             self.run.update_metrics(sections, {name: seconds})
@@ -194,8 +201,57 @@ class Pipeline:
             records[name] = {"hash": self.hashes[name], "seconds": round(seconds, 3), "peak_rss_mb": peak_mb,
                              "cpu_seconds": round(cpu_seconds, 2),  # user + system time of its process
                              "beside": beside,  # ran in a child process beside another stage
-                             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                             "files": files, "sections": sorted(sections)}  # what --reuse takes
+            if reused_from:
+                records[name]["reused_from"] = reused_from
             write_json(self.run.root / "stages.json", records)
+
+    def stage_files(self, written: list[Path]) -> list[str]:
+        """The files a stage wrote, relative to the run folder (the run's own files left out)."""
+        root, files = self.run.root.resolve(), set()
+        for path in written:
+            try:
+                relative = Path(path).resolve().relative_to(root)
+            except ValueError:  # written outside the run folder
+                continue
+            if str(relative) not in RUN_FILES:
+                files.add(str(relative))
+        return sorted(files)
+
+    # ---- --reuse: stages finished by other runs, and claims on the ones this run makes
+
+    def try_reuse(self, name: str) -> bool:
+        """Take stage `name` from a run that finished it with the same hash, if there is one."""
+        if not self.places or name in reuse.NEVER:
+            return False
+        stage = stage_named(name)
+        for donor in reuse.donors(self.places, self.run.root):
+            record = reuse.finished(donor, name, self.hashes[name], stage.outputs)
+            if record is None:
+                continue
+            start = time.perf_counter()
+            sections = reuse.adopt(self.run.root, donor, name, record)
+            if sections is None:
+                continue
+            self.record(name, sections, time.perf_counter() - start, peak_rss_mb(), 0.0, record["files"],
+                        reused_from=str(donor))
+            if name == "autoencoder":
+                self.ctx.autoencoder_changed()
+            tqdm.write(f"{label(name)}: taken from {donor} (same settings)")
+            return True
+        return False
+
+    def claim(self, name: str) -> Path | None:
+        """Claim stage `name` for this run to make: None, or the lock of another run that is making it now."""
+        held = reuse.claim(reuse.claim_folders(self.places), name, self.hashes[name]) if self.places else []
+        if isinstance(held, Path):
+            return held
+        self.claims[name] = held
+        return None
+
+    def unclaim(self, name: str) -> None:
+        reuse.release(self.claims.pop(name, []))
 
     def record_failure(self, error: LatentlabError) -> None:
         if error.sections:
@@ -207,12 +263,14 @@ class Pipeline:
         self.ctx.threads = threads
         start, cpu_start = time.perf_counter(), time.process_time()
         try:
-            sections = stage_function(name)(self.ctx)
+            with recording() as written:
+                sections = stage_function(name)(self.ctx)
         except LatentlabError as e:
             self.record_failure(e)
             raise
         # peak memory: of this process so far
-        self.record(name, sections, time.perf_counter() - start, peak_rss_mb(), time.process_time() - cpu_start)
+        self.record(name, sections, time.perf_counter() - start, peak_rss_mb(), time.process_time() - cpu_start,
+                    self.stage_files(written))
         return sections
 
     def run_all(self, *, force: bool = False, workers: int | None = None) -> None:
@@ -281,9 +339,10 @@ def _child(run_root: str, config_values: dict, device: str, connection) -> None:
         while (name := connection.recv()) is not None:
             try:
                 start, cpu_start = time.perf_counter(), time.process_time()
-                sections = stage_function(name)(ctx)
+                with recording() as written:
+                    sections = stage_function(name)(ctx)
                 connection.send(("ok", sections, time.perf_counter() - start, peak_rss_mb(),
-                                 time.process_time() - cpu_start))
+                                 time.process_time() - cpu_start, written))
             except LatentlabError as e:
                 connection.send(("error", str(e), e.sections))
             except Exception:  # a bug: bring its traceback back to the parent
@@ -307,15 +366,36 @@ class Schedule:
         self.main_threads = 0                   # threads of the stage running here (0: none)
         self.process = self.connection = self.watcher = None  # the child process beside, its pipe, its waiter
         self.failure: BaseException | None = None
+        self.wait_on: Path | None = None        # a stage's claim held by another run (--reuse)
 
     def _take(self, order: tuple[str, ...], only: bool = False) -> str | None:
-        """The first ready stage by `order` (then any other, unless `only`), taken off the list."""
-        ready = [n for n in self.todo if set(stage_named(n).reads) <= self.done and (n in order or not only)]
-        if not ready:
-            return None
-        name = min(ready, key=lambda n: order.index(n) if n in order else len(order))
-        self.todo.remove(name)
-        return name
+        """The first ready stage by `order` (then any other, unless `only`), taken off the list and claimed.
+
+        With --reuse, ready stages that another run has finished are taken from it on the way, and a stage another
+        run is making now is left to it: `self.wait_on` is then its claim, to wait for if nothing else is ready."""
+        while True:
+            ready = [n for n in self.todo if set(stage_named(n).reads) <= self.done]
+            reused = [n for n in ready if self.pipeline.try_reuse(n)]
+            for name in reused:
+                self.todo.remove(name)
+                self.done.add(name)
+            if reused:
+                continue  # the stages that read them may be ready now
+            for name in sorted((n for n in ready if n in order or not only),
+                               key=lambda n: order.index(n) if n in order else len(order)):
+                busy = self.pipeline.claim(name)
+                if busy is not None:
+                    self.wait_on = busy
+                elif self.pipeline.try_reuse(name):  # finished elsewhere just before the claim
+                    self.pipeline.unclaim(name)
+                    self.todo.remove(name)
+                    self.done.add(name)
+                    break
+                else:
+                    self.todo.remove(name)
+                    return name
+            else:
+                return None
 
     @property
     def side_busy(self) -> bool:
@@ -330,18 +410,29 @@ class Schedule:
             with self.condition:
                 if self.failure is not None:
                     raise self.failure
+                self.wait_on = None
                 name = self._take(self.main_order if self.beside else tuple(stage_names()))
                 if name is None:
                     if not self.todo and not self.side_busy:
                         return
-                    if not self.side_busy:
-                        raise RuntimeError(f"stages {self.todo} wait on stages that are not running")
-                    self.condition.wait()  # for the stage beside to finish
-                    continue
-                if self.beside and name not in ALONE and not self.side_busy:
-                    self._start_beside()
-                self.main_threads = 1 if self.side_busy else 2
-            self.pipeline._run_and_say(name, threads=self.main_threads)
+                    wait_on = self.wait_on
+                    if wait_on is None:
+                        if not self.side_busy:
+                            raise RuntimeError(f"stages {self.todo} wait on stages that are not running")
+                        self.condition.wait()  # for the stage beside to finish
+                        continue
+                else:
+                    if self.beside and name not in ALONE and not self.side_busy:
+                        self._start_beside()
+                    self.main_threads = 1 if self.side_busy else 2
+            if name is None:  # only stages that another run is making are ready: wait for one, then take it
+                tqdm.write(f"latentlab: waiting for another run to finish a stage ({wait_on.name})")
+                reuse.wait_for(wait_on)
+                continue
+            try:
+                self.pipeline._run_and_say(name, threads=self.main_threads)
+            finally:
+                self.pipeline.unclaim(name)
             with self.condition:
                 self.main_threads = 0
                 self.done.add(name)
@@ -375,9 +466,11 @@ class Schedule:
             except EOFError:  # the child died without a word (killed, out of memory)
                 process.join()
                 result = ("crash", f"the process running this stage died (exit code {process.exitcode})", None)
+            self.pipeline.unclaim(name)
             if result[0] == "ok":
-                _, sections, seconds, peak_mb, cpu_seconds = result
-                self.pipeline.record(name, sections, seconds, peak_mb, cpu_seconds, beside=True)
+                _, sections, seconds, peak_mb, cpu_seconds, written = result
+                self.pipeline.record(name, sections, seconds, peak_mb, cpu_seconds, self.pipeline.stage_files(written),
+                                     beside=True)
                 tqdm.write(f"{label(name)}: finished in {seconds:.1f} s (beside)")
             elif result[0] == "error":
                 error = LatentlabError(result[1])

@@ -209,10 +209,12 @@ def interpolation_section(m: dict, root: Path, w: dict) -> str:
     return "\n\n".join(parts)
 
 
-def settings_section(m: dict, config: dict, w: dict) -> str:
+def settings_section(m: dict, config: dict, w: dict, stages: dict) -> str:
     env = config.get("environment", {})
     timings = m.get("timings_s", {})
-    rows = [[stage, num(seconds, 1)] for stage, seconds in timings.items()]
+    taken = {name: r["reused_from"] for name, r in stages.items() if isinstance(r, dict) and r.get("reused_from")}
+    rows = [[stage, num(seconds, 1) + (f" (taken from {taken[stage]}, same settings)" if stage in taken else "")]
+            for stage, seconds in timings.items()]
     settings = {k: v for k, v in config.items() if k != "environment"}
     return "\n\n".join([
         "## Settings, versions and timings",
@@ -240,7 +242,11 @@ def markdown_report(metrics: dict, config: dict, root: Path) -> str:
                                  f"({type(e).__name__}: {' '.join(str(e).split())[:80]})") from None
         if text:
             parts.append(in_words(text, w))  # tables, target names and figure captions too
-    parts.append(settings_section(metrics, config, w))
+    try:  # which stages were taken from another run (--reuse, a sweep's trials)
+        stages = json.loads((root / "stages.json").read_text())
+    except (OSError, ValueError):
+        stages = {}
+    parts.append(settings_section(metrics, config, w, stages if isinstance(stages, dict) else {}))
     return "\n\n".join(parts) + "\n"
 
 

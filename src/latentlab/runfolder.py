@@ -10,6 +10,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,8 +19,23 @@ import latentlab
 from latentlab.errors import LatentlabError
 
 
+_written: list[Path] | None = None  # while `recording`, every file atomic_write writes
+
+
+@contextmanager
+def recording():
+    """Collect the files written in this process while inside (a stage's files, kept in its record for --reuse)."""
+    global _written
+    _written = []
+    try:
+        yield _written
+    finally:
+        _written = None
+
+
 def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: readers see old or new, never half."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -29,6 +45,8 @@ def atomic_write(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        if _written is not None:
+            _written.append(path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -7,10 +7,12 @@
     DIR/sweep.md, sweep.html    a table and one figure per headline number (the html embeds the figures)
     DIR/figures/                those figures as PNG
 
-A trial runs as a child process, `python -m latentlab run --out DIR/<trial> ...`: a trial that crashes or is
+A trial runs as a child process, `latentlab run --out DIR/<trial> --reuse DIR ...`: a trial that crashes or is
 killed is one failed trial, not a dead sweep, and the pipeline's own resume redoes only its missing stages.
-Trials run on this machine (a few at a time, each on its share of the cores) or, with --address, as Ray
-tasks on a cluster. Either way the same function, `run_trial`, runs each one.
+With --reuse DIR the trials share the stages they agree on (reuse.py): the judge across seeds, and across grid
+points every stage upstream of the setting that changes. Trials run on this machine (a few at a time, each on
+its share of the cores; on a CPU forked from one process that has imported everything) or, with --address, as
+Ray tasks on a cluster. Either way the same function, `run_trial`, runs each one.
 
 Exit status: 0 when every trial is done; 1 when any failed (named on stderr and in sweep.json); 2 for bad
 input, before any trial starts.
@@ -30,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from latentlab.errors import LatentlabError
-from latentlab.runfolder import read_json, write_json
 
 TRIALS_PER_GPU = 4  # on a GPU, trials share it: each Ray task asks for 1/4 of one
 
@@ -156,7 +157,10 @@ def plan(args) -> list[Trial]:
 # ---------------------------------------------------------------- one trial
 
 def trial_command(out: Path, trial: Trial, *, quick: bool, device, data_dir) -> list[str]:
-    command = [sys.executable, "-m", "latentlab", "run", "--out", str(out / trial.name), "--seed", str(trial.seed)]
+    # --reuse: trials take the stages they agree on from each other (the judge across seeds; across grid points the
+    # stages upstream of the setting that changes) instead of making them again
+    command = [sys.executable, "-m", "latentlab", "run", "--out", str(out / trial.name), "--seed", str(trial.seed),
+               "--reuse", str(out)]
     if quick:
         command.append("--quick")
     if device:
@@ -183,21 +187,96 @@ def _last_line(path: Path) -> str:
     return last[:300]
 
 
-def run_trial(command: list[str], folder: str, threads: int, running: dict | None = None) -> dict:
+def thread_env(threads: int) -> dict[str, str]:
+    """LATENTLAB_THREADS caps the threads every stage asks for; the OMP/MKL ones cap numpy's and scipy's BLAS."""
+    return {"LATENTLAB_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "OPENBLAS_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+
+# ---- trials forked from a process that has imported torch and latentlab once (local trials on a CPU)
+
+# What every trial imports: about 5 s of one core per process on 2 cores, paid once per sweep instead of per trial
+PRELOAD = ["torch", "torch.optim", "torch._dynamo", "numpy", "scipy.sparse", "sklearn.mixture", "tqdm",
+           "latentlab.figures", "latentlab.cli", "latentlab.pipeline", "latentlab.autoencoder",
+           "latentlab.classifier", "latentlab.fewshot", "latentlab.gan", "latentlab.flow", "latentlab.evaluate",
+           "latentlab.interpolation", "latentlab.report"]
+
+
+def _forked_trial(argv: list[str], log: str, env: dict[str, str]) -> None:
+    """A trial in a process forked from the preloaded server: `latentlab ARGV`, its output into `log`."""
+    os.environ.update(env)
+    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, log, os.O_WRONLY | os.O_APPEND)):
+        opened = os.open(path, flags)
+        os.dup2(opened, fd)
+        os.close(opened)
+    os.dup2(1, 2)
+    from latentlab.cli import main
+
+    code = main(argv)
+    if code == 130:  # interrupted: leave at once, as the command line does (no shutdown to hang in torch's threads)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)  # multiprocessing's exit: its finalizers release the semaphores tqdm made
+
+
+class ForkedTrial:
+    """A trial process forked from the preloaded server, with the two calls of subprocess.Popen used here."""
+
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str]):
+        import multiprocessing
+
+        context = multiprocessing.get_context("forkserver")
+        self.process = context.Process(target=_forked_trial, args=(argv, str(log), env))  # not daemonic: it may spawn
+        self.process.start()
+
+    def wait(self) -> int:
+        self.process.join()
+        return self.process.exitcode
+
+    def send_signal(self, signum) -> None:
+        os.kill(self.process.pid, signum)
+
+
+def start_fork_server(threads: int) -> None:
+    """Start the server that trials fork from; it imports PRELOAD while this process plans (the first fork waits
+    for it). The trials' thread caps go in its environment: numpy's BLAS reads them when it is imported."""
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    os.environ.update(thread_env(threads))
+    multiprocessing.set_forkserver_preload(PRELOAD)
+    forkserver.ensure_running()
+
+
+def stop_fork_server() -> None:
+    """End the server and wait for it, so that its trials' CPU time counts as this process's children's (with
+    the method CPython's own tests use; where it is missing, the server ends when this process does)."""
+    from multiprocessing import forkserver
+
+    stop = getattr(getattr(forkserver, "_forkserver", None), "_stop", None)
+    if stop is not None:
+        stop()
+
+
+def run_trial(command: list[str], folder: str, threads: int, running: dict | None = None,
+              forked: bool = False) -> dict:
     """Run one trial as a child process with `threads` threads; never raises for the trial's own failure.
 
-    `running` (optional) holds the live child, so an interrupted sweep can stop it.
+    `running` (optional) holds the live child, so an interrupted sweep can stop it. `forked`: fork it from the
+    preloaded server (start_fork_server) instead of starting `command`'s Python afresh.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    # LATENTLAB_THREADS caps the threads every stage asks for; the OMP/MKL ones cap numpy's and scipy's BLAS.
-    env = {**os.environ, "LATENTLAB_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
-           "MKL_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads)}
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env = {**os.environ, **thread_env(threads)}
     log = folder / "trial.log"
     start = time.perf_counter()
     with open(log, "w") as out:
-        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+        if forked:
+            child = ForkedTrial(command[3:], log, thread_env(threads))  # command: python -m latentlab ARGV
+        else:
+            child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                     stdin=subprocess.DEVNULL)
         if running is not None:
             running[folder.name] = child
         code = child.wait()
@@ -214,6 +293,7 @@ def run_trial(command: list[str], folder: str, threads: int, running: dict | Non
 def is_done(folder: Path, config) -> bool:
     """Every stage recorded with the hashes of these settings and its files there (what `run` would skip)."""
     from latentlab.pipeline import STAGES, stage_hashes
+    from latentlab.runfolder import read_json
 
     path = folder / "stages.json"
     if not path.is_file():
@@ -229,11 +309,20 @@ def is_done(folder: Path, config) -> bool:
 
 # ---------------------------------------------------------------- executors
 
-def run_local(jobs: list[tuple[Trial, list[str]]], out: Path, workers: int, threads: int, on_result) -> None:
+def run_local(jobs: list[tuple[Trial, list[str]]], out: Path, workers: int, threads: int, on_result,
+              forked: bool = False) -> None:
     """`workers` trials at a time on this machine. Threads here only wait: the work is in the child processes."""
     running: dict = {}
+    try:
+        _run_pool(jobs, out, workers, threads, on_result, forked, running)
+    finally:
+        if forked and jobs:
+            stop_fork_server()
+
+
+def _run_pool(jobs, out: Path, workers: int, threads: int, on_result, forked: bool, running: dict) -> None:
     pool = ThreadPoolExecutor(max_workers=workers)
-    futures = {pool.submit(run_trial, command, str(out / trial.name), threads, running): trial
+    futures = {pool.submit(run_trial, command, str(out / trial.name), threads, running, forked): trial
                for trial, command in jobs}
     reported = set()
     try:
@@ -327,6 +416,8 @@ def spread(values: list[float]) -> dict:
 
 def aggregate(out: Path, trials: list[Trial], results: dict) -> dict:
     """sweep.json's content: each trial's status and numbers, and per grid point the spread over seeds."""
+    from latentlab.runfolder import read_json
+
     rows = {}
     for trial in trials:
         result = results.get(trial.name, {"status": "not run", "error": None, "seconds": None})
@@ -427,7 +518,7 @@ def write_figures(summary: dict, folder: Path) -> None:
 def write_outputs(out: Path, trials: list[Trial], results: dict, header: dict, *, final: bool) -> dict:
     """sweep.json now (after every trial); the figures, sweep.md and sweep.html once at the end."""
     from latentlab.report import html_report
-    from latentlab.runfolder import write_text
+    from latentlab.runfolder import write_json, write_text
 
     summary = {**header, **aggregate(out, trials, results)}
     write_json(out / "sweep.json", summary)
@@ -455,8 +546,6 @@ def sweep(args, command: str) -> int:
     """Run the sweep that the parsed `args` describe; returns the exit status: 0, or 1 if any trial failed."""
     from types import SimpleNamespace
 
-    from latentlab.pipeline import locked
-
     if args.workers is not None and args.workers < 1:
         raise LatentlabError(f"--workers {args.workers}: must be at least 1")
     if args.workers is not None and args.address:
@@ -470,6 +559,10 @@ def sweep(args, command: str) -> int:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise LatentlabError(f"--out {out}: cannot create the folder ({e.strerror})") from None
+        if not args.address:  # trials on this machine: the server they fork from imports while this one goes on
+            start_fork_server(max(1, (os.cpu_count() or 1) // (args.workers or default_workers(len(trials)))))
+        from latentlab.pipeline import locked
+
         with locked(SimpleNamespace(root=out)):  # one sweep per folder at a time
             summary = _run(args, trials, out, command)
     print(f"latentlab: sweep finished: {out / 'sweep.json'}, {out / 'sweep.md'}, {out / 'sweep.html'}")
@@ -511,7 +604,10 @@ def _run(args, trials: list[Trial], out: Path, command: str) -> dict:
         if args.address:
             run_ray(jobs, out, args.device, on_result)
         else:
-            run_local(jobs, out, workers, threads, on_result)
+            # on a CPU, trials fork from one process that has imported everything; CUDA's state must not be forked
+            from latentlab.context import resolve_device
+
+            run_local(jobs, out, workers, threads, on_result, forked=resolve_device(args.device or "auto").type == "cpu")
     finally:  # interrupted or not, the numbers so far are written
         signal.signal(signal.SIGTERM, previous)
         summary = write_outputs(out, trials, results, header, final=True)

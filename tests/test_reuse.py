@@ -1,0 +1,125 @@
+"""--reuse: a run takes the stages another run finished with the same settings, never one made with other settings
+or missing a file, and waits for (rather than repeats) a stage that a sibling is making."""
+import json
+import threading
+
+import pytest
+
+from latentlab import pipeline, reuse
+from latentlab.cli import main
+from latentlab.pipeline import Pipeline, Stage
+from latentlab.runfolder import Run, write_text
+from tests.conftest import tiny_config
+
+CALLS = []
+
+
+def _stage(name):
+    def run(ctx):
+        CALLS.append((name, ctx.run.root.name))
+        value = {"first": ctx.config.autoencoder.epochs, "independent": ctx.config.classifier.epochs,
+                 "second": ctx.config.fewshot.draws, "third": ctx.config.gan.steps}[name]
+        write_text(ctx.run.root / "figures" / f"{name}.txt", f"{name} {value} made in {ctx.run.root.name}")
+        return {name: {"value": value, "made_in": ctx.run.root.name}}
+    return run
+
+
+@pytest.fixture
+def stages(monkeypatch):
+    """first and independent read nothing; second and third read first."""
+    CALLS.clear()
+    monkeypatch.setattr(pipeline, "STAGES", [
+        Stage("first", _stage("first"), ("autoencoder",), ("figures/first.txt",), ()),
+        Stage("independent", _stage("independent"), ("classifier",), ("figures/independent.txt",), ()),
+        Stage("second", _stage("second"), ("fewshot",), ("figures/second.txt",), ("first",)),
+        Stage("third", _stage("third"), ("gan",), ("figures/third.txt",), ("first",)),
+    ])
+
+
+def records(run):
+    return json.loads((run.root / "stages.json").read_text())
+
+
+def test_a_run_takes_what_another_finished_with_the_same_settings_and_makes_the_rest(tmp_path, stages):
+    a, b = Run(tmp_path / "a", create=True), Run(tmp_path / "b", create=True)
+    Pipeline(a, tiny_config()).run_all(workers=1)
+    assert records(a)["first"]["files"] == ["figures/first.txt"] and records(a)["first"]["sections"] == ["first"]
+
+    changed = tiny_config()
+    changed.gan.steps += 1  # only the third stage's settings differ
+    Pipeline(b, changed, reuse=(a.root,)).run_all(workers=1)
+    assert [c for c in CALLS if c[1] == "b"] == [("third", "b")]  # the only stage b made itself
+    mine = records(b)
+    for name in ("first", "independent", "second"):
+        assert mine[name]["reused_from"] == str(a.root) and mine[name]["hash"] == records(a)[name]["hash"]
+        assert (b.root / f"figures/{name}.txt").read_text() == f"{name} {a.metrics()[name]['value']} made in a"
+        assert b.metrics()[name] == a.metrics()[name]
+    assert "reused_from" not in mine["third"] and b.metrics()["third"] == {"value": changed.gan.steps, "made_in": "b"}
+
+    # b now counts as done: run again, nothing is made or taken
+    CALLS.clear()
+    Pipeline(b, changed, reuse=(a.root,)).run_all(workers=1)
+    assert CALLS == [] and records(b) == mine
+
+
+def test_a_donor_with_other_settings_a_missing_file_or_a_foreign_record_is_not_used(tmp_path, stages):
+    a = Run(tmp_path / "runs" / "a", create=True)
+    Pipeline(a, tiny_config()).run_all(workers=1)
+    (a.root / "figures" / "second.txt").unlink()  # second lost a file
+    damaged = records(a)
+    damaged["independent"]["files"] = ["../../outside.txt", "figures/independent.txt"]  # not a path in the run
+    (a.root / "stages.json").write_text(json.dumps(damaged))
+
+    other = tiny_config()
+    other.autoencoder.epochs += 1  # first (and what reads it) made with other settings
+    b = Run(tmp_path / "runs" / "b", create=True)
+    CALLS.clear()
+    Pipeline(b, other, reuse=(tmp_path / "runs",)).run_all(workers=1)  # a folder of runs: a, and b itself left out
+    assert sorted(c[0] for c in CALLS) == ["first", "independent", "second", "third"]
+    assert not any("reused_from" in r for r in records(b).values())
+
+    c = Run(tmp_path / "runs" / "c", create=True)
+    CALLS.clear()
+    Pipeline(c, tiny_config(), reuse=(tmp_path / "runs",)).run_all(workers=1)
+    assert CALLS == [("second", "c")]  # a's second is missing a file, b's was made from another first
+    assert records(c)["first"]["reused_from"] == str(a.root) and records(c)["third"]["reused_from"] == str(a.root)
+    assert records(c)["independent"]["reused_from"] == str(b.root)  # a's record names a file outside its folder
+
+
+def test_a_stage_a_sibling_is_making_is_waited_for_not_made_twice(tmp_path, stages):
+    """b finds first claimed by a: it makes independent meanwhile, waits, then takes first from a."""
+    sweep = tmp_path / "sweep"
+    a, b = Run(sweep / "a", create=True), Run(sweep / "b", create=True)
+    config = tiny_config()
+    held = reuse.claim(reuse.claim_folders([sweep]), "first", pipeline.stage_hashes(config)["first"])
+    assert isinstance(held, list) and len(held) == 1  # this test holds a's claim on first
+
+    thread = threading.Thread(target=Pipeline(b, config, reuse=(sweep,)).run_all, kwargs={"workers": 1})
+    thread.start()
+    thread.join(2)
+    assert thread.is_alive() and CALLS == [("independent", "b")]  # b did what it could, and now waits
+
+    Pipeline(a, config).run_stage("first")
+    reuse.release(held)
+    thread.join(10)
+    assert not thread.is_alive()
+    assert CALLS == [("independent", "b"), ("first", "a"), ("second", "b"), ("third", "b")]
+    assert records(b)["first"]["reused_from"] == str(a.root)
+
+
+def test_a_claim_is_one_runs_at_a_time(tmp_path):
+    folders = reuse.claim_folders([tmp_path])
+    first = reuse.claim(folders, "gan", "abc")
+    assert isinstance(first, list) and reuse.claim(folders, "gan", "abc") == tmp_path / ".making" / "gan-abc"
+    assert isinstance(reuse.claim(folders, "gan", "other-hash"), list)  # another hash: another stage
+    reuse.release(first)
+    again = reuse.claim(folders, "gan", "abc")
+    assert isinstance(again, list) and again
+    reuse.release(again)
+
+
+def test_reuse_of_a_missing_folder_is_a_one_line_error(tmp_path, capsys):
+    assert main(["run", "--out", str(tmp_path / "r"), "--reuse", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--reuse" in err and "not a folder" in err
+    assert not (tmp_path / "r").exists()
