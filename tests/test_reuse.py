@@ -4,6 +4,8 @@ import json
 import threading
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from latentlab import pipeline, reuse
 from latentlab.cli import main
@@ -123,3 +125,42 @@ def test_reuse_of_a_missing_folder_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--reuse" in err and "not a folder" in err
     assert not (tmp_path / "r").exists()
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.sampled_from(
+    ["", "figures/first.txt", "first", "../x", "/etc/passwd", "figures", "a\0b", "HASH"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["hash", "files", "sections", "first", "x"]), inner, max_size=4), max_leaves=8)
+
+
+RECORDS = st.one_of(JSON, st.fixed_dictionaries({  # records near a good one: damage in one field or another
+    "hash": JSON, "files": st.lists(st.sampled_from(["figures/first.txt", "../x", "/etc/passwd", "nope.txt", 3]),
+                                    max_size=3),
+    "sections": st.lists(st.sampled_from(["first", "first", "x", 3, None]), max_size=2)}))
+METRICS = st.one_of(JSON, st.dictionaries(st.sampled_from(["first", "x"]), JSON, max_size=2))
+
+
+@settings(derandomize=True, database=None, deadline=None, max_examples=80,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(record=RECORDS, metrics=METRICS, keep_hash=st.booleans())
+@example(record={"files": ["figures/first.txt"], "sections": ["first"]}, metrics={"first": {"a": [1]}}, keep_hash=True)
+@example(record={"files": ["figures/first.txt"], "sections": ["first"]}, metrics={"first": [1]}, keep_hash=True)
+@example(record={"files": ["figures/first.txt"], "sections": []}, metrics={}, keep_hash=True)
+@example(record={"files": ["figures/first.txt"], "sections": ["x"]}, metrics={"first": 1}, keep_hash=True)
+def test_any_donor_record_is_taken_whole_or_not_at_all(tmp_path_factory, stages, record, metrics, keep_hash):
+    """Whatever a donor's stages.json and metrics.json hold, taking a stage never raises; what is taken is whole."""
+    root = tmp_path_factory.mktemp("fuzz")
+    donor, b = Run(root / "donor", create=True), Run(root / "b", create=True)
+    config = tiny_config()
+    write_text(donor.root / "figures" / "first.txt", "made in donor")
+    if keep_hash and isinstance(record, dict):  # often the right hash, so that the rest of the record is what counts
+        record = {**record, "hash": pipeline.stage_hashes(config)["first"]}
+    (donor.root / "stages.json").write_text(json.dumps({"first": record}))
+    (donor.root / "metrics.json").write_text(json.dumps(metrics))
+    taken = Pipeline(b, config, reuse=(root,)).try_reuse("first")
+    if taken:
+        assert records(b)["first"]["files"] == record["files"]
+        assert all(b.metrics()[k] == metrics[k] for k in record["sections"])
+        assert all((b.root / f).read_text() == "made in donor" for f in record["files"])
+    else:
+        assert not (b.root / "stages.json").exists()

@@ -36,9 +36,10 @@ def donors(places: list[Path], own: Path) -> list[Path]:
     return [d for d in dict.fromkeys(found) if d.resolve() != own]
 
 
-def _inside(name: str) -> bool:
-    path = Path(name)
-    return bool(name) and not path.is_absolute() and ".." not in path.parts
+def _inside(name) -> bool:
+    """A path relative to the run folder that stays inside it."""
+    return isinstance(name, str) and bool(name) and "\0" not in name and not Path(name).is_absolute() \
+        and ".." not in Path(name).parts
 
 
 def finished(donor: Path, name: str, stage_hash: str, outputs: tuple[str, ...]) -> dict | None:
@@ -50,7 +51,8 @@ def finished(donor: Path, name: str, stage_hash: str, outputs: tuple[str, ...]) 
     if not isinstance(record, dict) or record.get("hash") != stage_hash:
         return None
     files, sections = record.get("files"), record.get("sections")
-    if not isinstance(files, list) or not isinstance(sections, list) or not all(map(_inside, files)):
+    if not isinstance(files, list) or not isinstance(sections, list) or not all(map(_inside, files)) \
+            or not all(isinstance(k, str) for k in sections):
         return None  # recorded before stages listed their files, or not written by latentlab
     if not set(outputs) <= set(files) or not all((donor / f).is_file() for f in files):
         return None
@@ -71,11 +73,13 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 def adopt(root: Path, donor: Path, name: str, record: dict) -> dict | None:
     """Link the donor stage's files into `root`; its metrics.json sections, or None if the donor changed meanwhile."""
+    from latentlab.checks import read_metrics
+
     try:
-        metrics = read_json(donor / "metrics.json")
+        metrics = read_metrics(donor / "metrics.json")  # an object of objects, or an error
     except LatentlabError:
         return None
-    if not isinstance(metrics, dict) or not all(k in metrics for k in record["sections"]):
+    if not all(k in metrics for k in record["sections"]):
         return None
     sections = {k: metrics[k] for k in record["sections"]}
     try:
