@@ -12,6 +12,7 @@ work first, or waits, instead of making it twice; the kernel drops the lock of a
 import fcntl
 import os
 import shutil
+import time
 from pathlib import Path
 
 from latentlab.errors import LatentlabError
@@ -115,6 +116,9 @@ def claim(folders: list[Path], name: str, stage_hash: str):
             handle.close()
             release(held)
             return path
+        except OSError:  # a filesystem without locks: no claim there
+            handle.close()
+            continue
         held.append(handle)
     return held
 
@@ -127,6 +131,9 @@ def release(held) -> None:
 
 def wait_for(path: Path) -> None:
     """Until the run that holds the claim at `path` has made its stage (or died)."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_SH)
-        fcntl.flock(handle, fcntl.LOCK_UN)
+    try:
+        with open(path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    except OSError:  # no locks there after all: look again in a second, without spinning
+        time.sleep(1)

@@ -607,7 +607,8 @@ def _run(args, trials: list[Trial], out: Path, command: str) -> dict:
             # on a CPU, trials fork from one process that has imported everything; CUDA's state must not be forked
             from latentlab.context import resolve_device
 
-            run_local(jobs, out, workers, threads, on_result, forked=resolve_device(args.device or "auto").type == "cpu")
+            on_cpu = resolve_device(args.device or "auto").type == "cpu"
+            run_local(jobs, out, workers, threads, on_result, forked=on_cpu)
     finally:  # interrupted or not, the numbers so far are written
         signal.signal(signal.SIGTERM, previous)
         summary = write_outputs(out, trials, results, header, final=True)
