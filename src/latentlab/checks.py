@@ -44,7 +44,7 @@ GAN = {
     "steps": whole(1, 10_000_000), "noise_dim": whole(1, 4096), "hidden": whole(1, 8192),
     "batch_size": whole(1, 65_536), "lr": number(0, 1, low_open=True), "loss": choice("nonsaturating", "hinge"),
     "r1": number(0, 10_000), "r1_every": whole(1, 10_000_000), "ema": number(0, 1, high_open=True),
-    "checkpoint_every": whole(1, 10_000_000), "log_every": whole(1, 10_000_000),
+    "beta1": number(0, 1, high_open=True), "checkpoint_every": whole(1, 10_000_000), "log_every": whole(1, 10_000_000),
 }
 # The type and range of every setting, by the name --set uses.
 FIELDS = {

@@ -99,8 +99,8 @@ def train_gan(cfg: GANConfig, codes: torch.Tensor, labels: torch.Tensor | None =
     netG = Generator(cfg.noise_dim, codes.shape[1], cfg.hidden, num_classes).to(device)
     netD = Discriminator(codes.shape[1], cfg.hidden, num_classes).to(device)
     on_cuda = device.type == "cuda"
-    optimizerG = adam(netG.parameters(), lr=cfg.lr, betas=(0.5, 0.999), capturable=on_cuda)
-    optimizerD = adam(netD.parameters(), lr=cfg.lr, betas=(0.5, 0.999), capturable=on_cuda)
+    optimizerG = adam(netG.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999), capturable=on_cuda)
+    optimizerD = adam(netD.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999), capturable=on_cuda)
     # an exponential moving average of G's weights samples better than G's last step (Yazici et al. 2019)
     keep = copy.deepcopy(netG).requires_grad_(False) if cfg.ema > 0 else netG
     averaged, current = list(keep.parameters()), list(netG.parameters())
@@ -358,8 +358,8 @@ def _stage(ctx, conditional: bool) -> dict:
                             title="latent GAN: samples from fixed noise")
     figures.gan_losses(history, ctx.run.figures / f"{name}_losses.png", title=f"{name} training")
     return {name: {
-        "loss": cfg.loss, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "r1": cfg.r1,
-        "r1_every": cfg.r1_every, "ema": cfg.ema, "noise_dim": cfg.noise_dim, "hidden": cfg.hidden,
+        "loss": cfg.loss, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "beta1": cfg.beta1,
+        "r1": cfg.r1, "r1_every": cfg.r1_every, "ema": cfg.ema, "noise_dim": cfg.noise_dim, "hidden": cfg.hidden,
         "conditional": conditional, "discriminator": "projection" if conditional else "plain",
         "train_codes": len(codes), "diverged": False, "device": str(ctx.device),
         "final_loss_d": history["loss_d"][-1], "final_loss_g": history["loss_g"][-1],
