@@ -44,9 +44,12 @@ def unconditional_quality(classifier, real: Reference, images) -> dict:
 
 def conditional_quality(classifier, real: Reference, images, digits: np.ndarray) -> dict:
     feats, predicted = embed(classifier, images)
-    per_digit = {str(d): float(np.mean(predicted[digits == d] == d)) for d in range(10)}
+    # a digit with no image among them has no share (a small sample of real images), not NaN
+    per_digit = {str(d): float(np.mean(predicted[digits == d] == d)) if np.any(digits == d) else None
+                 for d in range(10)}
+    shares = [v for v in per_digit.values() if v is not None]
     return {"accuracy": float(np.mean(predicted == digits)), "accuracy_per_digit": per_digit,
-            "min_digit_accuracy": min(per_digit.values()), **real.distances(feats),
+            "min_digit_accuracy": min(shares) if shares else None, **real.distances(feats),
             "class_histogram": class_histogram(predicted), "samples": len(images)}
 
 
