@@ -127,6 +127,41 @@ def test_killed_trial_resumes_and_a_failing_trial_does_not_stop_the_others(tmp_p
     assert "| autoencoder test MSE |" in (out / "sweep.md").read_text()
 
 
+def test_sigterm_stops_every_trial_which_keeps_its_finished_stages(tmp_path, tiny_data):
+    """Started as a script's background job is, with Ctrl-C ignored, then stopped with SIGTERM: the trials stop
+    too (none left running), each keeps its finished stages, sweep.json says so, and the same sweep resumes."""
+    out = tmp_path / "S"
+    command = sweep_command(out, tiny_data, "--seeds", "0-1", "--workers", "2")
+    sweep = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.monotonic() + 300
+    while not all((out / t / "stages.json").exists() for t in ("seed0", "seed1")):  # each has a finished stage
+        assert sweep.poll() is None and time.monotonic() < deadline, sweep.communicate()
+        time.sleep(0.05)
+    pids = [int((out / t / ".lock").read_text().split()[1]) for t in ("seed0", "seed1")]
+    sweep.send_signal(signal.SIGTERM)
+    _, stderr = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130 and "interrupted" in stderr
+    for pid in pids:  # the trials have ended (their own processes, not only the sweep)
+        with pytest.raises(ProcessLookupError):
+            for _ in range(50):
+                os.kill(pid, 0)
+                time.sleep(0.1)
+    summary = read(out / "sweep.json")
+    kept = {}
+    for trial in ("seed0", "seed1"):
+        assert summary["trials"][trial]["status"] == "failed"
+        assert "interrupted; finished stages are kept" in summary["trials"][trial]["error"]
+        kept[trial] = read(out / trial / "stages.json")
+        assert kept[trial] and set(kept[trial]) < set(stage_names())
+
+    again = subprocess.run(command, capture_output=True, text=True, env=child_env(), timeout=300)
+    assert again.returncode == 0, again.stderr
+    for trial, before in kept.items():
+        after = read(out / trial / "stages.json")
+        assert set(after) == set(stage_names()) and all(after[name] == before[name] for name in before)
+
+
 def test_aggregate_is_mean_std_min_max_over_seeds(tmp_path):
     trials = [Trial(name=f"seed{s}__gan.steps=9", seed=s, grid=("gan.steps=9",), settings=("gan.steps=9",))
               for s in (0, 1, 2)]

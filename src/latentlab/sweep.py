@@ -205,6 +205,7 @@ PRELOAD = ["torch", "torch.optim", "torch._dynamo", "numpy", "scipy.sparse", "sk
 def _forked_trial(argv: list[str], log: str, env: dict[str, str]) -> None:
     """A trial in a process forked from the preloaded server: `latentlab ARGV`, its output into `log`."""
     os.environ.update(env)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops it, even where the sweep ignores it
     for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, log, os.O_WRONLY | os.O_APPEND)):
         opened = os.open(path, flags)
         os.dup2(opened, fd)
@@ -235,7 +236,10 @@ class ForkedTrial:
         return self.process.exitcode
 
     def send_signal(self, signum) -> None:
-        os.kill(self.process.pid, signum)
+        try:
+            os.kill(self.process.pid, signum)
+        except ProcessLookupError:  # it has just ended
+            pass
 
 
 def start_fork_server(threads: int) -> None:
@@ -330,14 +334,26 @@ def _run_pool(jobs, out: Path, workers: int, threads: int, on_result, forked: bo
             on_result(futures[future], future.result())
             reported.add(future)
     except KeyboardInterrupt:
-        for child in list(running.values()):  # Ctrl-C for each trial in flight: it keeps its finished stages
-            child.send_signal(signal.SIGINT)
+        stop_trials(running)
         pool.shutdown(wait=True, cancel_futures=True)
         for future in futures:  # record the interrupted trials too; the queued ones stay "not run"
             if future.done() and not future.cancelled() and future not in reported:
                 on_result(futures[future], future.result())
         raise
     pool.shutdown()
+
+
+def stop_trials(running: dict, grace: float = 10.0) -> None:
+    """Ctrl-C for each trial in flight: it keeps its finished stages and says so in its log. One that has not
+    ended after `grace` seconds (started with Ctrl-C ignored, as a sweep under nohup starts its trials) is
+    terminated: its finished stages are kept all the same, only the stage in flight is lost."""
+    for child in list(running.values()):
+        child.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace
+    while running and time.monotonic() < deadline:  # run_trial takes each child out when it has ended
+        time.sleep(0.1)
+    for child in list(running.values()):
+        child.send_signal(signal.SIGTERM)
 
 
 @contextmanager
