@@ -45,7 +45,8 @@ def records(run):
 def test_a_run_takes_what_another_finished_with_the_same_settings_and_makes_the_rest(tmp_path, stages):
     a, b = Run(tmp_path / "a", create=True), Run(tmp_path / "b", create=True)
     Pipeline(a, tiny_config()).run_all(workers=1)
-    assert records(a)["first"]["files"] == ["figures/first.txt"] and records(a)["first"]["sections"] == ["first"]
+    assert records(a)["first"]["files"] == ["figures/first.txt"]
+    assert records(a)["first"]["sections"] == {"first": a.metrics()["first"]}  # as the stage returned it
 
     changed = tiny_config()
     changed.gan.steps += 1  # only the third stage's settings differ
@@ -136,19 +137,18 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.sampled_
 RECORDS = st.one_of(JSON, st.fixed_dictionaries({  # records near a good one: damage in one field or another
     "hash": JSON, "files": st.lists(st.sampled_from(["figures/first.txt", "../x", "/etc/passwd", "nope.txt", 3]),
                                     max_size=3),
-    "sections": st.lists(st.sampled_from(["first", "first", "x", 3, None]), max_size=2)}))
-METRICS = st.one_of(JSON, st.dictionaries(st.sampled_from(["first", "x"]), JSON, max_size=2))
+    "sections": st.one_of(JSON, st.dictionaries(st.sampled_from(["first", "x"]), JSON, max_size=2))}))
 
 
 @settings(derandomize=True, database=None, deadline=None, max_examples=80,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(record=RECORDS, metrics=METRICS, keep_hash=st.booleans())
-@example(record={"files": ["figures/first.txt"], "sections": ["first"]}, metrics={"first": {"a": [1]}}, keep_hash=True)
-@example(record={"files": ["figures/first.txt"], "sections": ["first"]}, metrics={"first": [1]}, keep_hash=True)
-@example(record={"files": ["figures/first.txt"], "sections": []}, metrics={}, keep_hash=True)
-@example(record={"files": ["figures/first.txt"], "sections": ["x"]}, metrics={"first": 1}, keep_hash=True)
-def test_any_donor_record_is_taken_whole_or_not_at_all(tmp_path_factory, stages, record, metrics, keep_hash):
-    """Whatever a donor's stages.json and metrics.json hold, taking a stage never raises; what is taken is whole."""
+@given(record=RECORDS, keep_hash=st.booleans())
+@example(record={"files": ["figures/first.txt"], "sections": {"first": {"a": [1]}}}, keep_hash=True)
+@example(record={"files": ["figures/first.txt"], "sections": {"first": [1]}}, keep_hash=True)
+@example(record={"files": ["figures/first.txt"], "sections": {}}, keep_hash=True)
+@example(record={"files": ["figures/first.txt", "nope.txt"], "sections": {"first": {}}}, keep_hash=True)
+def test_any_donor_record_is_taken_whole_or_not_at_all(tmp_path_factory, stages, record, keep_hash):
+    """Whatever a donor's stages.json holds, taking a stage never raises; what is taken is whole."""
     root = tmp_path_factory.mktemp("fuzz")
     donor, b = Run(root / "donor", create=True), Run(root / "b", create=True)
     config = tiny_config()
@@ -156,11 +156,30 @@ def test_any_donor_record_is_taken_whole_or_not_at_all(tmp_path_factory, stages,
     if keep_hash and isinstance(record, dict):  # often the right hash, so that the rest of the record is what counts
         record = {**record, "hash": pipeline.stage_hashes(config)["first"]}
     (donor.root / "stages.json").write_text(json.dumps({"first": record}))
-    (donor.root / "metrics.json").write_text(json.dumps(metrics))
     taken = Pipeline(b, config, reuse=(root,)).try_reuse("first")
     if taken:
         assert records(b)["first"]["files"] == record["files"]
-        assert all(b.metrics()[k] == metrics[k] for k in record["sections"])
+        assert all(b.metrics()[k] == v for k, v in record["sections"].items())
         assert all((b.root / f).read_text() == "made in donor" for f in record["files"])
     else:
         assert not (b.root / "stages.json").exists()
+
+
+def test_a_stage_is_taken_as_it_was_made_not_as_later_stages_rewrote_its_section(tmp_path, monkeypatch):
+    """The evaluation rewrites the GANs' sections (adding their quality); a run taking the GAN gets the GAN's own."""
+    def made(ctx):
+        write_text(ctx.run.root / "made.txt", "made")
+        return {"made": {"steps": ctx.config.gan.steps}}
+
+    def later(ctx):
+        return {"later": {"samples": ctx.config.evaluation.samples},
+                "made": {**ctx.run.metrics()["made"], "quality": ctx.config.evaluation.samples}}
+
+    monkeypatch.setattr(pipeline, "STAGES", [Stage("made", made, ("gan",), ("made.txt",), ()),
+                                             Stage("later", later, ("evaluation",), (), ("made",))])
+    a, b = Run(tmp_path / "a", create=True), Run(tmp_path / "b", create=True)
+    Pipeline(a, tiny_config()).run_all(workers=1)
+    assert a.metrics()["made"]["quality"] == tiny_config().evaluation.samples  # rewritten in a by `later`
+
+    assert Pipeline(b, tiny_config(), reuse=(a.root,)).try_reuse("made")
+    assert b.metrics()["made"] == {"steps": tiny_config().gan.steps}  # as `made` returned it: no quality yet

@@ -202,7 +202,7 @@ class Pipeline:
                              "cpu_seconds": round(cpu_seconds, 2),  # user + system time of its process
                              "beside": beside,  # ran in a child process beside another stage
                              "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                             "files": files, "sections": sorted(sections)}  # what --reuse takes
+                             "files": files, "sections": sections}  # what --reuse takes
             if reused_from:
                 records[name]["reused_from"] = reused_from
             write_json(self.run.root / "stages.json", records)

@@ -4,8 +4,9 @@ across grid points every stage upstream of the setting that changes).
 
 A donor's stage stands in for one here when the donor's stages.json records it with the same hash (the same
 settings, seed and data, and the same hashes for every stage it reads) and every file it wrote is still there.
-The files are hard-linked (copied across filesystems), its metrics.json sections copied, and its record here says
-where it came from. A PLACE is a run folder, or a folder of run folders such as a sweep's. In the latter, runs
+The files are hard-linked (copied across filesystems), its metrics.json sections (as the stage returned them,
+kept in its record: later stages rewrite some of them, such as the evaluation the GANs' quality) are merged in, and
+its record here says where it came from. A PLACE is a run folder, or a folder of run folders such as a sweep's. In the latter, runs
 claim each stage they make with a lock in PLACE/.making/, so that a sibling needing the same stage does its other
 work first, or waits, instead of making it twice; the kernel drops the lock of a run that dies.
 """
@@ -52,9 +53,9 @@ def finished(donor: Path, name: str, stage_hash: str, outputs: tuple[str, ...]) 
     if not isinstance(record, dict) or record.get("hash") != stage_hash:
         return None
     files, sections = record.get("files"), record.get("sections")
-    if not isinstance(files, list) or not isinstance(sections, list) or not all(map(_inside, files)) \
-            or not all(isinstance(k, str) for k in sections):
-        return None  # recorded before stages listed their files, or not written by latentlab
+    if not isinstance(files, list) or not all(map(_inside, files)) or not isinstance(sections, dict) \
+            or not all(isinstance(k, str) and isinstance(v, dict) for k, v in sections.items()):
+        return None  # recorded before stages kept their files and sections, or not written by latentlab
     if not set(outputs) <= set(files) or not all((donor / f).is_file() for f in files):
         return None
     return record
@@ -74,22 +75,13 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 def adopt(root: Path, donor: Path, name: str, record: dict) -> dict | None:
     """Link the donor stage's files into `root`; its metrics.json sections, or None if the donor changed meanwhile."""
-    from latentlab.checks import read_metrics
-
-    try:
-        metrics = read_metrics(donor / "metrics.json")  # an object of objects, or an error
-    except LatentlabError:
-        return None
-    if not all(k in metrics for k in record["sections"]):
-        return None
-    sections = {k: metrics[k] for k in record["sections"]}
     try:
         for file in record["files"]:
             link_or_copy(donor / file, root / file)
         still = read_json(donor / "stages.json").get(name)
     except (OSError, LatentlabError, AttributeError):
         return None
-    return sections if still == record else None  # remade while we copied: make it here instead
+    return record["sections"] if still == record else None  # remade while we copied: make it here instead
 
 
 # ---- claims: who is making a stage now --------------------------------------------------------------------
