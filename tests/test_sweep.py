@@ -100,6 +100,7 @@ def test_killed_trial_resumes_and_a_failing_trial_does_not_stop_the_others(tmp_p
         assert ("reused_from" in stages[name]) != ("reused_from" in bad[name]), name
     summary = read(out / "sweep.json")
     assert summary["trials"][GOOD]["status"] == "done" and summary["trials"][GOOD]["error"] is None
+    assert summary["trials"][GOOD]["taken_from_other_trials"] == [n for n, r in stages.items() if "reused_from" in r]
     assert summary["failed"] == [BAD]
 
     # The aggregate is the trial's own metrics.json (one seed: n = 1, std 0).
@@ -170,9 +171,12 @@ def test_aggregate_is_mean_std_min_max_over_seeds(tmp_path):
         metrics = {"autoencoder": {"test_mse": mse}, "timings_s": {"gan": 2.0, "total": 10 * mse},
                    "fewshot": {"best_method": "poisson", "methods": {"poisson": {"test_accuracy": {"mean": mse}}}}}
         (tmp_path / trial.name / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / trials[1].name / "stages.json").write_text(json.dumps(
+        {"autoencoder": {"hash": "a"}, "classifier": {"hash": "c", "reused_from": str(tmp_path / trials[0].name)}}))
     results = {t.name: {"status": "done", "error": None, "seconds": 1.0} for t in trials[:2]}
     results[trials[2].name] = {"status": "failed", "error": "boom", "seconds": 1.0}
     summary = aggregate(tmp_path, trials, results)
+    assert [summary["trials"][t.name]["taken_from_other_trials"] for t in trials] == [[], ["classifier"], []]
     point = summary["grid_points"]["gan.steps=9"]["metrics"]
     assert point["autoencoder test MSE"]["n"] == 2  # the failed trial is not counted
     assert point["autoencoder test MSE"]["mean"] == pytest.approx(0.15)

@@ -423,6 +423,17 @@ def headline_values(metrics: dict) -> dict[str, float]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+def taken_stages(folder: Path) -> list[str]:
+    """The stages a trial took from another trial (--reuse) instead of making them."""
+    from latentlab.runfolder import read_json
+
+    try:
+        records = read_json(folder / "stages.json")
+        return [name for name, record in records.items() if isinstance(record, dict) and record.get("reused_from")]
+    except (LatentlabError, AttributeError):  # not started, or not readable: none taken that we can tell
+        return []
+
+
 def spread(values: list[float]) -> dict:
     n = len(values)
     mean = sum(values) / n
@@ -441,7 +452,8 @@ def aggregate(out: Path, trials: list[Trial], results: dict) -> dict:
         values = {}
         if result["status"] in ("done", "done before") and metrics_path.is_file():
             values = headline_values(read_json(metrics_path))
-        rows[trial.name] = {"seed": trial.seed, "grid_point": trial.point, **result, "values": values}
+        rows[trial.name] = {"seed": trial.seed, "grid_point": trial.point, **result, "values": values,
+                            "taken_from_other_trials": taken_stages(out / trial.name)}
     points = {}
     for point in dict.fromkeys(t.point for t in trials):
         members = [t for t in trials if t.point == point]
@@ -489,10 +501,11 @@ def markdown(summary: dict) -> str:
             cells.append(f"{_fmt(s['mean'])} ± {_fmt(s['std'])} ({s['n']}; {_fmt(s['min'])} to {_fmt(s['max'])})"
                          if s else "-")
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
-    lines += ["", "| trial | status | seconds | error |", "|---|---|---|---|"]
+    lines += ["", "| trial | status | seconds | stages taken from other trials | error |", "|---|---|---|---|---|"]
     for name, row in summary["trials"].items():
         seconds = "-" if row["seconds"] is None else row["seconds"]
-        lines.append(f"| `{name}` | {row['status']} | {seconds} | {(row['error'] or '').replace('|', '/')} |")
+        taken = ", ".join(row.get("taken_from_other_trials", [])) or "-"
+        lines.append(f"| `{name}` | {row['status']} | {seconds} | {taken} | {(row['error'] or '').replace('|', '/')} |")
     lines += ["", "## Per seed", "", "Each dot is one seed (labelled); the square and bar are the grid point's "
               "mean and standard deviation.", ""]
     lines += [f"![{m}](figures/{_figure_name(m)})\n" for m in _figure_metrics(summary)]
