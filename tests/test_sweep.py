@@ -162,6 +162,17 @@ def test_sigterm_stops_every_trial_which_keeps_its_finished_stages(tmp_path, tin
         after = read(out / trial / "stages.json")
         assert set(after) == set(stage_names()) and all(after[name] == before[name] for name in before)
 
+    # Another sweep, another GAN setting, told to --reuse this one: its trial makes only what the GAN changes.
+    other = tmp_path / "S2"
+    second = subprocess.run(sweep_command(other, tiny_data, "--seeds", "0", "--grid", "gan.steps=60",
+                                          "--reuse", str(out)),
+                            capture_output=True, text=True, env=child_env(), timeout=300)
+    assert second.returncode == 0, second.stderr
+    records = read(other / "seed0__gan.steps=60" / "stages.json")
+    made = {name for name, record in records.items() if "reused_from" not in record}
+    assert made == {"gan", "interpolation", "evaluation", "report"}
+    assert {records[n]["reused_from"] for n in set(records) - made - {"classifier"}} == {str(out / "seed0")}
+
 
 def test_aggregate_is_mean_std_min_max_over_seeds(tmp_path):
     trials = [Trial(name=f"seed{s}__gan.steps=9", seed=s, grid=("gan.steps=9",), settings=("gan.steps=9",))
@@ -212,6 +223,7 @@ def test_seed_lists():
     (["--workers", "-2"], "--workers -2: must be at least 1"),
     (["--set", "gan.nope=1"], "--set gan.nope: unknown setting"),
     (["--workers", "2", "--address", "auto"], "--workers: for trials on this machine"),
+    (["--reuse", "/no/such/folder"], "--reuse /no/such/folder: not a folder"),
 ])
 def test_bad_sweep_input_is_one_line_and_exit_2_before_any_work(tmp_path, capsys, options, message):
     out = tmp_path / "S"

@@ -90,6 +90,9 @@ def build_parser() -> Parser:
     p.add_argument("--data-dir", help="folder with the four MNIST-format IDX files (default: the shipped MNIST)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="change a setting in every trial (repeatable)")
+    p.add_argument("--reuse", action="append", default=[], metavar="PLACE",
+                   help="trials also take finished stages with the same settings from here (a run folder or a folder "
+                        "of them, such as another sweep's); they always take them from each other")
 
     p = sub.add_parser("sample", help="generate digits with a trained run's GAN or flow into a .png grid or a .npz file")
     p.add_argument("--run", required=True, help="a run folder with trained generators (from `latentlab run`)")

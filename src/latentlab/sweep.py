@@ -156,11 +156,12 @@ def plan(args) -> list[Trial]:
 
 # ---------------------------------------------------------------- one trial
 
-def trial_command(out: Path, trial: Trial, *, quick: bool, device, data_dir) -> list[str]:
+def trial_command(out: Path, trial: Trial, *, quick: bool, device, data_dir, reuse=()) -> list[str]:
     # --reuse: trials take the stages they agree on from each other (the judge across seeds; across grid points the
-    # stages upstream of the setting that changes) instead of making them again
-    command = [sys.executable, "-m", "latentlab", "run", "--out", str(out / trial.name), "--seed", str(trial.seed),
-               "--reuse", str(out)]
+    # stages upstream of the setting that changes) instead of making them again, and from the places asked for
+    command = [sys.executable, "-m", "latentlab", "run", "--out", str(out / trial.name), "--seed", str(trial.seed)]
+    for place in (out, *reuse):
+        command += ["--reuse", str(Path(place).resolve())]
     if quick:
         command.append("--quick")
     if device:
@@ -581,6 +582,9 @@ def sweep(args, command: str) -> int:
         raise LatentlabError("--workers: for trials on this machine; with --address, Ray places the trials "
                              "(one CPU each)")
     trials = plan(args)
+    for place in args.reuse:
+        if not Path(place).is_dir():
+            raise LatentlabError(f"--reuse {place}: not a folder")
     out = Path(args.out).resolve()  # absolute: trial processes (Ray's too) may start in another folder
     # connected before any work: Ray missing, or no cluster at the address, is a one-line error
     with ray_cluster(args.address) if args.address else nullcontext():
@@ -608,7 +612,7 @@ def _run(args, trials: list[Trial], out: Path, command: str) -> dict:
         if is_done(out / trial.name, trial_config(args, trial)):
             results[trial.name] = {"status": "done before", "error": None, "seconds": None}
         else:
-            jobs.append((trial, trial_command(out, trial, quick=args.quick, device=args.device,
+            jobs.append((trial, trial_command(out, trial, quick=args.quick, device=args.device, reuse=args.reuse,
                                               data_dir=args.data_dir)))
     workers = args.workers or default_workers(len(jobs))
     threads = max(1, (os.cpu_count() or 1) // workers)
