@@ -5,10 +5,11 @@ across grid points every stage upstream of the setting that changes).
 A donor's stage stands in for one here when the donor's stages.json records it with the same hash (the same
 settings, seed and data, and the same hashes for every stage it reads) and every file it wrote is still there.
 The files are hard-linked (copied across filesystems), its metrics.json sections (as the stage returned them,
-kept in its record: later stages rewrite some of them, such as the evaluation the GANs' quality) are merged in, and
-its record here says where it came from. A PLACE is a run folder, or a folder of run folders such as a sweep's. In the latter, runs
-claim each stage they make with a lock in PLACE/.making/, so that a sibling needing the same stage does its other
-work first, or waits, instead of making it twice; the kernel drops the lock of a run that dies.
+kept in its record: later stages rewrite some of them, such as the evaluation the GANs' quality) are merged in,
+and its record here says where it came from. A PLACE is a run folder, or a folder of run folders such as a
+sweep's. In the latter, runs claim each stage they make with a lock in PLACE/.making/, so that a sibling needing
+the same stage does its other work first, or waits, instead of making it twice; the kernel drops the lock of a run
+that dies.
 """
 import fcntl
 import os
