@@ -55,8 +55,9 @@ class GANConfig:
     hidden: int = 256             # width of the two hidden layers of G and of D
     batch_size: int = 64          # small batches: more steps in the time budget, which helped more
     lr: float = 1e-3              # Adam, for G and D
-    beta1: float = 0.0            # Adam's first-moment decay (beta2 0.999); 0: no momentum, as StyleGAN2 and BigGAN
-                                  # train (0.5 before: Frechet distance GAN 33.6 -> 29.0, cGAN 9.48 -> 8.88; gan_sweep.md)
+    beta1: float = 0.0            # Adam's first-moment decay (beta2 0.999); 0: no momentum, as StyleGAN2 and
+                                  # BigGAN train (0.5 before: Frechet distance GAN 33.6 -> 29.0, cGAN 9.48 -> 8.88;
+                                  # docs/gan_sweep.md)
     loss: str = "nonsaturating"   # "nonsaturating" or "hinge"
     r1: float = 1.0               # R1 gradient penalty weight on real codes (0 = off)
     r1_every: int = 4             # apply it every this many steps (lazy regularisation)
