@@ -466,19 +466,21 @@ class Schedule:
             except EOFError:  # the child died without a word (killed, out of memory)
                 process.join()
                 result = ("crash", f"the process running this stage died (exit code {process.exitcode})", None)
-            self.pipeline.unclaim(name)
-            if result[0] == "ok":
-                _, sections, seconds, peak_mb, cpu_seconds, written = result
-                self.pipeline.record(name, sections, seconds, peak_mb, cpu_seconds, self.pipeline.stage_files(written),
-                                     beside=True)
-                tqdm.write(f"{label(name)}: finished in {seconds:.1f} s (beside)")
-            elif result[0] == "error":
-                error = LatentlabError(result[1])
-                error.sections = result[2]
-                self.pipeline.record_failure(error)
-                raise error
-            else:
-                raise RuntimeError(f"stage {name} failed in its child process:\n{result[1]}")
+            try:
+                if result[0] == "ok":
+                    _, sections, seconds, peak_mb, cpu_seconds, written = result
+                    self.pipeline.record(name, sections, seconds, peak_mb, cpu_seconds,
+                                         self.pipeline.stage_files(written), beside=True)
+                    tqdm.write(f"{label(name)}: finished in {seconds:.1f} s (beside)")
+                elif result[0] == "error":
+                    error = LatentlabError(result[1])
+                    error.sections = result[2]
+                    self.pipeline.record_failure(error)
+                    raise error
+                else:
+                    raise RuntimeError(f"stage {name} failed in its child process:\n{result[1]}")
+            finally:  # after the record: a run waiting on the claim then finds the stage done
+                self.pipeline.unclaim(name)
             with self.condition:
                 self.done.add(name)
                 self.watcher = None  # this thread is about to end: not busy any more
