@@ -189,9 +189,9 @@ def cmd_run(args) -> None:
     from latentlab.pipeline import Pipeline, locked
     from latentlab.runfolder import Run
 
-    for place in args.reuse:
-        if not Path(place).is_dir():
-            raise LatentlabError(f"--reuse {place}: not a folder")
+    from latentlab.reuse import check_places
+
+    check_places(args.reuse)
     run = Run(out, create=True)
     with locked(run):
         # --force makes every stage here, so it takes none from elsewhere either

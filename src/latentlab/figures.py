@@ -95,7 +95,7 @@ def digit_accuracy_bars(per_model: dict, path: Path, *, target: float | None = N
     lowest = 1.0
     for i, (name, accuracy) in enumerate(per_model.items()):
         shares = [np.nan if accuracy[str(d)] is None else accuracy[str(d)] for d in range(10)]  # None: no sample
-        lowest = min(lowest, *[s for s in shares if s == s])
+        lowest = min(lowest, *[s for s in shares if not np.isnan(s)])
         ax.bar(np.arange(10) + (i - (len(per_model) - 1) / 2) * width, shares, width, label=name)
     if target is not None:
         ax.axhline(target, color="k", linestyle="--", linewidth=1, label=f"target {target}")

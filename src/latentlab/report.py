@@ -1,4 +1,5 @@
-"""The report: DIR/report.md and a self-contained DIR/report.html, written only from metrics.json and config.json.
+"""The report: DIR/report.md and a self-contained DIR/report.html, written only from metrics.json and config.json
+(and stages.json, for which stages were taken from another run).
 
 Every number printed here is read from the run's metrics.json or config.json; the only numbers typed in
 are the reference report's own figures, labelled as such.
@@ -8,6 +9,7 @@ import json
 import re
 from pathlib import Path
 
+from latentlab.checks import read_stages
 from latentlab.context import Context
 from latentlab.errors import LatentlabError
 from latentlab.fewshot import REFERENCE  # the reference report's own results: quoted, not measured here
@@ -212,7 +214,7 @@ def interpolation_section(m: dict, root: Path, w: dict) -> str:
 def settings_section(m: dict, config: dict, w: dict, stages: dict) -> str:
     env = config.get("environment", {})
     timings = m.get("timings_s", {})
-    taken = {name: r["reused_from"] for name, r in stages.items() if isinstance(r, dict) and r.get("reused_from")}
+    taken = {name: r["reused_from"] for name, r in stages.items() if r.get("reused_from")}
     rows = [[stage, num(seconds, 1) + (f" (taken from {taken[stage]}, same settings)" if stage in taken else "")]
             for stage, seconds in timings.items()]
     settings = {k: v for k, v in config.items() if k != "environment"}
@@ -243,10 +245,10 @@ def markdown_report(metrics: dict, config: dict, root: Path) -> str:
         if text:
             parts.append(in_words(text, w))  # tables, target names and figure captions too
     try:  # which stages were taken from another run (--reuse, a sweep's trials)
-        stages = json.loads((root / "stages.json").read_text())
-    except (OSError, ValueError):
+        stages = read_stages(root / "stages.json")
+    except LatentlabError:  # missing or damaged: the timings alone
         stages = {}
-    parts.append(settings_section(metrics, config, w, stages if isinstance(stages, dict) else {}))
+    parts.append(settings_section(metrics, config, w, stages))
     return "\n\n".join(parts) + "\n"
 
 

@@ -18,9 +18,15 @@ import time
 from pathlib import Path
 
 from latentlab.errors import LatentlabError
-from latentlab.runfolder import read_json
 
 NEVER = ("report",)  # a run's report is about that run
+
+
+def check_places(places) -> None:
+    """--reuse PLACE...: each must be a folder (checked before any work)."""
+    for place in places:
+        if not Path(place).is_dir():
+            raise LatentlabError(f"--reuse {place}: not a folder")
 
 
 def is_run_folder(path: Path) -> bool:
@@ -47,6 +53,8 @@ def _inside(name) -> bool:
 
 def finished(donor: Path, name: str, stage_hash: str, outputs: tuple[str, ...]) -> dict | None:
     """The donor's record of stage `name` if it was made with `stage_hash` and every file it wrote is there."""
+    from latentlab.runfolder import read_json  # (here: `latentlab sweep` checks its places before importing torch)
+
     try:
         record = read_json(donor / "stages.json").get(name)
     except (LatentlabError, AttributeError):  # unreadable, or not an object: not a donor
@@ -76,6 +84,8 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 def adopt(root: Path, donor: Path, name: str, record: dict) -> dict | None:
     """Link the donor stage's files into `root`; its metrics.json sections, or None if the donor changed meanwhile."""
+    from latentlab.runfolder import read_json
+
     try:
         for file in record["files"]:
             link_or_copy(donor / file, root / file)

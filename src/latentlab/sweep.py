@@ -426,12 +426,11 @@ def headline_values(metrics: dict) -> dict[str, float]:
 
 def taken_stages(folder: Path) -> list[str]:
     """The stages a trial took from another trial (--reuse) instead of making them."""
-    from latentlab.runfolder import read_json
+    from latentlab.checks import read_stages
 
     try:
-        records = read_json(folder / "stages.json")
-        return [name for name, record in records.items() if isinstance(record, dict) and record.get("reused_from")]
-    except (LatentlabError, AttributeError):  # not started, or not readable: none taken that we can tell
+        return [name for name, record in read_stages(folder / "stages.json").items() if record.get("reused_from")]
+    except LatentlabError:  # not started, or not readable: none taken that we can tell
         return []
 
 
@@ -568,6 +567,11 @@ def default_workers(trials: int) -> int:
     return max(1, min(trials, os.cpu_count() or 1))
 
 
+def threads_per_trial(workers: int) -> int:
+    """Each of `workers` trials at once gets its share of the cores."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM ends the sweep as Ctrl-C does: children stopped, numbers so far written
 
@@ -581,10 +585,10 @@ def sweep(args, command: str) -> int:
     if args.workers is not None and args.address:
         raise LatentlabError("--workers: for trials on this machine; with --address, Ray places the trials "
                              "(one CPU each)")
+    from latentlab.reuse import check_places  # no torch: the fork server starts below before this process needs it
+
     trials = plan(args)
-    for place in args.reuse:
-        if not Path(place).is_dir():
-            raise LatentlabError(f"--reuse {place}: not a folder")
+    check_places(args.reuse)
     out = Path(args.out).resolve()  # absolute: trial processes (Ray's too) may start in another folder
     # connected before any work: Ray missing, or no cluster at the address, is a one-line error
     with ray_cluster(args.address) if args.address else nullcontext():
@@ -593,7 +597,7 @@ def sweep(args, command: str) -> int:
         except OSError as e:
             raise LatentlabError(f"--out {out}: cannot create the folder ({e.strerror})") from None
         if not args.address:  # trials on this machine: the server they fork from imports while this one goes on
-            start_fork_server(max(1, (os.cpu_count() or 1) // (args.workers or default_workers(len(trials)))))
+            start_fork_server(threads_per_trial(args.workers or default_workers(len(trials))))
         from latentlab.pipeline import locked
 
         with locked(SimpleNamespace(root=out)):  # one sweep per folder at a time
@@ -615,7 +619,7 @@ def _run(args, trials: list[Trial], out: Path, command: str) -> dict:
             jobs.append((trial, trial_command(out, trial, quick=args.quick, device=args.device, reuse=args.reuse,
                                               data_dir=args.data_dir)))
     workers = args.workers or default_workers(len(jobs))
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = threads_per_trial(workers)
     if args.address:
         executor = {"kind": "ray", "address": args.address, "cpus_per_trial": 1}
         where = f"as Ray tasks on {args.address}"
