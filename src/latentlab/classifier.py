@@ -2,8 +2,15 @@
 
 Inception weights cannot be downloaded here, so quality is measured in the penultimate features of a CNN
 trained on MNIST itself (the usual substitute); such distances are only comparable under the same classifier.
+On the shipped MNIST with the default settings, the judge shipped with latentlab is taken instead of trained
+(`shipped_judge`): the one this stage made, so every run, seed and device is scored with the same yardstick.
 """
+import hashlib
+import io
+import json
 import time
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -132,10 +139,48 @@ def train_judge(ctx: Context, cfg: ClassifierConfig) -> tuple[DigitClassifier, d
     return model, history, {"train_images": len(train), "train_seconds": round(time.perf_counter() - start, 2)}
 
 
+SHIPPED = Path(__file__).parent / "judge"  # classifier.pt and classifier.json, written by scripts/ship_judge.py
+
+
+def judge_settings(cfg: ClassifierConfig) -> dict:
+    """The settings that make a judge (whether to take the shipped one is not one of them)."""
+    return {k: v for k, v in asdict(cfg).items() if k != "shipped"}
+
+
+def shipped_judge(ctx: Context, cfg: ClassifierConfig, folder: Path | None = None) -> tuple[bytes, dict] | None:
+    """The shipped judge's checkpoint file and its record, where it is the judge these settings would train here:
+    `cfg.shipped`, the shipped MNIST, and the settings it was made with. Else None (the stage trains one). A
+    damaged shipped file is an error, never a silently different judge."""
+    if not cfg.shipped or ctx.config.data_dir is not None:
+        return None
+    folder = folder or SHIPPED
+    try:
+        record = json.loads((folder / "classifier.json").read_text())
+        made = (folder / "classifier.pt").read_bytes()
+    except (OSError, ValueError) as e:
+        raise LatentlabError(f"{folder}: the shipped judge cannot be read ({type(e).__name__}); reinstall latentlab, "
+                             "or --set classifier.shipped=false to train the judge in the run") from None
+    if record.get("settings") != judge_settings(cfg):
+        return None
+    if hashlib.sha256(made).hexdigest() != record.get("sha256"):
+        raise LatentlabError(f"{folder / 'classifier.pt'}: damaged (not the file shipped); reinstall latentlab, "
+                             "or --set classifier.shipped=false to train the judge in the run")
+    return made, record
+
+
 def stage(ctx: Context) -> dict:
-    """Train the classifier on its split's training images, save it, report validation and test accuracy."""
+    """Train the classifier on its split's training images (or take the shipped one, `shipped_judge`), save it,
+    report validation and test accuracy (the test accuracy measured here, on this run's device)."""
     cfg = ctx.config.classifier
     set_threads(ctx.threads)
+    shipped = shipped_judge(ctx, cfg)
+    if shipped is not None:
+        made, record = shipped
+        ctx.run.save_checkpoint_bytes("classifier", made)
+        model = load_classifier(ctx.run).to(ctx.device)
+        return {"classifier": {
+            **record["section"], "test_accuracy": accuracy(model, ctx.images("test"), ctx.labels("test")),
+            "device": str(ctx.device), "shipped": record["made"]}}
     model, history, trained = train_judge(ctx, cfg)
     ctx.run.save_checkpoint("classifier", checkpoint(model, cfg))
     return {"classifier": {
@@ -145,3 +190,22 @@ def stage(ctx: Context) -> dict:
         "feature_dim": model.head[-1].in_features, "width": cfg.width, "device": str(ctx.device),
         "history": {k: [round(v, 6) for v in vs] for k, vs in history.items()},
     }}
+
+
+def ship(run: Run, cfg: ClassifierConfig, folder: Path | None = None) -> dict:
+    """Write `run`'s judge, made by the stage above with `cfg`, into `folder` as the shipped judge; returns its
+    record. Only the judge of the shipped MNIST and the default settings is shipped (scripts/ship_judge.py)."""
+    from latentlab.runfolder import atomic_write, environment
+
+    section = {k: v for k, v in run.metrics()["classifier"].items() if k not in ("test_accuracy", "device", "shipped")}
+    folder = folder or SHIPPED
+    made = (run.checkpoints / "classifier.pt").read_bytes()
+    torch.load(io.BytesIO(made), weights_only=True)  # a readable checkpoint, or this fails here and not in a run
+    record = {"settings": judge_settings(cfg), "sha256": hashlib.sha256(made).hexdigest(), "section": section,
+              "made": {"by": "latentlab train-classifier --set classifier.shipped=false",
+                       "test_accuracy": run.metrics()["classifier"]["test_accuracy"],
+                       "device": run.metrics()["classifier"]["device"], **environment()}}
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / "classifier.pt", lambda f: f.write(made))
+    atomic_write(folder / "classifier.json", lambda f: f.write(json.dumps(record, indent=1).encode()))
+    return record

@@ -147,18 +147,21 @@ def apply_settings(config, assignments: list[str]) -> None:
 def resolve_config(args, base=None):
     from latentlab.config import make_config, validate
 
-    if base is None:
-        config = make_config(quick=getattr(args, "quick", False))
+    data_dir = None
+    if args.data_dir is not None:
+        if not Path(args.data_dir).is_dir():
+            raise LatentlabError(f"--data-dir {args.data_dir}: not a folder")
+        data_dir = str(Path(args.data_dir).resolve())
+    if base is None:  # --quick leaves the judge's settings alone where the shipped judge serves (shipped MNIST)
+        config = make_config(quick=getattr(args, "quick", False), data_dir=data_dir)
     else:
         config = base
+        if data_dir is not None:
+            config.data_dir = data_dir
     if args.seed is not None:
         config.seed = args.seed
     if args.device is not None:
         config.device = args.device
-    if args.data_dir is not None:
-        if not Path(args.data_dir).is_dir():
-            raise LatentlabError(f"--data-dir {args.data_dir}: not a folder")
-        config.data_dir = str(Path(args.data_dir).resolve())
     if getattr(args, "draw", None) is not None:
         config.fewshot.draw = args.draw
     if getattr(args, "draws", None) is not None:

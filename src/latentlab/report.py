@@ -116,6 +116,17 @@ def _quality_row(name: str, q: dict, train_seconds=None) -> list[str]:
             num(train_seconds, 1) if train_seconds is not None else "-"]
 
 
+def judge_sentence(judge: dict) -> str:
+    """Which classifier judged: the one shipped with latentlab (the same for every run of the shipped MNIST) or
+    the run's own."""
+    if "test_accuracy" not in judge:
+        return ""
+    made = judge.get("shipped")
+    where = (f"the one shipped with latentlab (trained by this stage at commit {str(made.get('git_commit'))[:7]}, "
+             "the same for every run with its settings on the shipped data)" if made else "trained in this run")
+    return f" The classifier is {where}; test accuracy {100 * judge['test_accuracy']:.2f}%."
+
+
 def generation_section(m: dict, root: Path, w: dict) -> str:
     if "gan" not in m and "cgan" not in m:
         return ""
@@ -124,7 +135,7 @@ def generation_section(m: dict, root: Path, w: dict) -> str:
              f"generator also takes the {w['class']}. Quality is measured with latentlab's own classifier on "
              f"{m.get('evaluation', {}).get('samples', 'n/a')} samples per model: the share read as the {w['class']} "
              "asked for, the Fréchet distance between classifier features of generated and test images, and k-NN "
-             "precision/recall in the same space."]
+             "precision/recall in the same space." + judge_sentence(m.get("classifier", {}))]
     parts.append(_figures(root, "gan_samples.png", "cgan_samples.png", "flow_samples.png"))
     ev = m.get("evaluation")
     if ev:

@@ -138,6 +138,12 @@ class Run:
         atomic_write(path, lambda f: torch.save(checkpoint, f))
         return path
 
+    def save_checkpoint_bytes(self, name: str, made: bytes) -> Path:
+        """A checkpoint file as it was made elsewhere (the shipped judge), byte for byte."""
+        path = self.checkpoints / f"{name}.pt"
+        atomic_write(path, lambda f: f.write(made))
+        return path
+
     def load_model(self, name: str, model_class, command: str, kind: str | None = None):
         """Rebuild `model_class` from checkpoint `name` without flags; returns (model in eval mode, checkpoint).
 
