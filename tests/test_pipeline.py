@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 
 import pytest
 
@@ -106,6 +107,13 @@ def test_stages_side_by_side_record_both(tmp_path, tiny_run, monkeypatch):
     pipe.run_all(workers=2)
     records = json.loads((run.root / "stages.json").read_text())
     assert {"autoencoder", "classifier", "gan"} <= set(records)
+    # when each ran and in which process, for the report's timeline: this command's two side by side
+    made = {name: records[name] for name in ("classifier", "gan")}
+    times = {name: (datetime.fromisoformat(r["started"]), datetime.fromisoformat(r["finished"])) for name, r in made.items()}
+    assert made["classifier"]["invocation"] == made["gan"]["invocation"] != records["autoencoder"]["invocation"]
+    assert all(start < end for start, end in times.values())
+    assert times["classifier"][0] < times["gan"][1] and times["gan"][0] < times["classifier"][1]  # they overlapped
+    assert sorted(r["beside"] for r in made.values()) == [False, True]
     assert (run.checkpoints / "classifier.pt").exists() and (run.checkpoints / "gan.pt").exists()
     metrics = run.metrics()
     assert metrics["classifier"]["train_images"] == config.classifier.train_limit

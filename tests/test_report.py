@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from latentlab.report import REFERENCE, write_report
+from latentlab.report import REFERENCE, timeline, write_report
 
 
 def _leaves(obj):
@@ -100,3 +100,33 @@ def test_html_embeds_figures(tmp_path, tiny_run):
     assert 'src="data:image/png;base64,' in page and 'src="figures/' not in page
     assert numbers_not_in_sources(md.read_text(), tiny_run.metrics(), json.loads(
         (tmp_path / "run" / "config.json").read_text())) == []
+
+
+def _record(started: str, seconds: float, invocation: str, **extra) -> dict:
+    return {"hash": "0123456789abcdef", "seconds": seconds, "started": f"2026-11-29T04:{started}+00:00",
+            "invocation": f"2026-11-29T04:{invocation}+00:00", **extra}
+
+
+def test_timeline_shows_the_stages_the_last_command_made():
+    stages = {
+        "autoencoder": _record("00:01.000", 8.0, "00:00.000"),                  # an earlier command's
+        "classifier": _record("10:02.500", 2.0, "10:00.000", beside=True),
+        "fewshot": _record("10:01.000", 9.5, "10:00.000"),
+        "gan": _record("10:03.000", 1.0, "10:00.000", reused_from="/elsewhere/run"),  # taken, not made
+        "flow": {"hash": "0123456789abcdef", "seconds": 4.0, "finished": "2026-11-29T04:10:09+00:00"},  # older record
+    }
+    assert timeline(stages) == [("this process", "fewshot", 1.0, 9.5), ("beside", "classifier", 2.5, 2.0)]
+    assert timeline({"flow": stages["flow"]}) == []
+    assert timeline({"fewshot": {**stages["fewshot"], "started": "yesterday"}}) == []  # a hand-edited time
+
+
+def test_report_draws_the_timeline_where_stages_json_has_times(tmp_path):
+    config = {"seed": 0, "quick": False, "environment": {}}
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "metrics.json").write_text(json.dumps(FAKE_METRICS))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "stages.json").write_text(json.dumps({"autoencoder": _record("00:01.250", 8.0, "00:00.000")}))
+    md, _ = write_report(tmp_path)
+    assert (tmp_path / "figures" / "timeline.png").stat().st_size > 1000
+    assert "figures/timeline.png" in md.read_text()
+    assert numbers_not_in_sources(md.read_text(), FAKE_METRICS, config) == []

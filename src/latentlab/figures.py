@@ -180,3 +180,24 @@ def flow_sweep(steps: dict, guidance: dict, floor: float, path: Path, *, note: s
     left.legend(fontsize=8)
     fig.suptitle(f"latent flow: {note}", fontsize=9)
     return _save(fig, path)
+
+
+def stage_timeline(bars: list[tuple[str, str, float, float]], path: Path, *, title: str) -> Path:
+    """Where a run's time went: each stage a bar on the lane of the process that ran it.
+
+    `bars`: (lane, stage, start, seconds), start in seconds since the command began."""
+    lanes = list(dict.fromkeys(lane for lane, *_ in bars))
+    end = max(start + seconds for _, _, start, seconds in bars)
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(lanes) + 1.3))
+    colours = plt.get_cmap("tab10")
+    for i, (lane, stage, start, seconds) in enumerate(bars):
+        y = lanes.index(lane)
+        ax.barh(y, seconds, left=start, height=0.6, color=colours(i % 10), edgecolor="white")
+        if seconds > 0.045 * end:  # names that fit inside their bar; the table beside the figure has every stage
+            ax.text(start + seconds / 2, y, stage, ha="center", va="center", fontsize=8, color="white")
+    ax.set_yticks(range(len(lanes)), lanes)
+    ax.invert_yaxis()
+    ax.set_xlim(0, end * 1.01)
+    ax.set_xlabel("seconds since the command started")
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)

@@ -24,7 +24,7 @@ import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import torch
@@ -175,6 +175,7 @@ class Pipeline:
         self._lock = threading.Lock()  # metrics.json and stages.json have one writer at a time
         self.places = [Path(p) for p in reuse]
         self.claims: dict[str, list] = {}  # stage -> the claim locks held while it is made
+        self.began = datetime.now(timezone.utc)  # this command's start: the report's timeline shows its stages
 
     def records(self) -> dict:
         from latentlab.checks import read_stages
@@ -198,10 +199,13 @@ class Pipeline:
             self.run.update_metrics(sections, {name: seconds})
             stale = dependents(name)
             records = {k: v for k, v in self.records().items() if k not in stale and k != name}
+            now = datetime.now(timezone.utc)
             records[name] = {"hash": self.hashes[name], "seconds": round(seconds, 3), "peak_rss_mb": peak_mb,
                              "cpu_seconds": round(cpu_seconds, 2),  # user + system time of its process
                              "beside": beside,  # ran in a child process beside another stage
-                             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                             "started": (now - timedelta(seconds=seconds)).isoformat(timespec="milliseconds"),
+                             "finished": now.isoformat(timespec="milliseconds"),
+                             "invocation": self.began.isoformat(timespec="milliseconds"),  # the command's start
                              "files": files, "sections": sections}  # what --reuse takes
             if reused_from:
                 records[name]["reused_from"] = reused_from

@@ -222,7 +222,27 @@ def interpolation_section(m: dict, root: Path, w: dict) -> str:
     return "\n\n".join(parts)
 
 
-def settings_section(m: dict, config: dict, w: dict, stages: dict) -> str:
+def timeline(stages: dict) -> list[tuple[str, str, float, float]]:
+    """The stages the last command made (not those taken from another run) as (lane, stage, start, seconds),
+    start in seconds since that command began; empty for records without times (runs before they were kept)."""
+    from datetime import datetime
+
+    made = {name: r for name, r in stages.items()
+            if not r.get("reused_from") and all(isinstance(r.get(k), str) for k in ("started", "invocation"))}
+    if not made:
+        return []
+    last = max(r["invocation"] for r in made.values())
+    try:
+        began = datetime.fromisoformat(last)
+        bars = [("beside" if r.get("beside") else "this process", name,
+                 (datetime.fromisoformat(r["started"]) - began).total_seconds(), float(r["seconds"]))
+                for name, r in made.items() if r["invocation"] == last]
+    except (ValueError, TypeError):  # a hand-edited record: the table still has the times
+        return []
+    return sorted(bars, key=lambda bar: bar[2])
+
+
+def settings_section(m: dict, config: dict, w: dict, stages: dict, root: Path) -> str:
     env = config.get("environment", {})
     timings = m.get("timings_s", {})
     taken = {name: r["reused_from"] for name, r in stages.items() if r.get("reused_from")}
@@ -235,6 +255,7 @@ def settings_section(m: dict, config: dict, w: dict, stages: dict) -> str:
         f"latentlab {env.get('latentlab')}, torch {env.get('torch')}, Python {env.get('python')}, "
         f"commit {env.get('git_commit') or 'unknown'}.",
         _table(["stage", "wall seconds"], rows),
+        _figures(root, "timeline.png"),
         "<details><summary>every setting (config.json)</summary>\n\n```json\n"
         + json.dumps(settings, indent=1) + "\n```\n\n</details>",
     ])
@@ -259,7 +280,7 @@ def markdown_report(metrics: dict, config: dict, root: Path) -> str:
         stages = read_stages(root / "stages.json")
     except LatentlabError:  # missing or damaged: the timings alone
         stages = {}
-    parts.append(settings_section(metrics, config, w, stages))
+    parts.append(settings_section(metrics, config, w, stages, root))
     return "\n\n".join(parts) + "\n"
 
 
@@ -290,6 +311,15 @@ def write_report(root: Path) -> tuple[Path, Path]:
     metrics = read_metrics(root / "metrics.json")
     config_from_json(root / "config.json")  # checked; the report prints the file's own values
     config = read_json(root / "config.json")
+    try:
+        bars = timeline(read_stages(root / "stages.json"))
+    except LatentlabError:  # stages.json missing or damaged: no timeline
+        bars = []
+    if bars:
+        from latentlab import figures
+
+        figures.stage_timeline(bars, root / "figures" / "timeline.png",
+                               title="where the last command's time went: each stage on its process")
     text = markdown_report(metrics, config, root)
     write_text(root / "report.md", text)
     write_text(root / "report.html", html_report(text, root))
