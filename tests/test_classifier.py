@@ -162,3 +162,16 @@ def test_a_damaged_shipped_judge_is_a_one_line_error(damage, fragment, tmp_path,
     code, err = run_cli(["train-classifier", "--run", tmp_path / "run", "--device", "cpu"], capsys)
     assert code == 2 and fragment in one_line(err) and "classifier.shipped=false" in err
     assert not (tmp_path / "run" / "checkpoints" / "classifier.pt").exists()
+
+
+def test_ship_script_refuses_a_judge_of_other_settings(gan_run):
+    """scripts/ship_judge.py ships only a judge trained with the default settings on the shipped MNIST."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "ship_judge.py"
+    before = (SHIPPED / "classifier.pt").read_bytes()
+    result = subprocess.run([sys.executable, str(script), "--run", str(gan_run.root)], capture_output=True, text=True)
+    assert result.returncode != 0 and "not a judge trained here with the default settings" in result.stderr
+    assert (SHIPPED / "classifier.pt").read_bytes() == before
