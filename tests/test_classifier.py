@@ -153,6 +153,10 @@ def test_ship_round_trip(gan_run, tmp_path):
     (lambda folder: (folder / "classifier.pt").write_bytes((folder / "classifier.pt").read_bytes()[:-10]),
      "classifier.pt: damaged (not the file shipped); reinstall latentlab"),
     (lambda folder: (folder / "classifier.json").write_text("{"), "the shipped judge cannot be read"),
+    (lambda folder: (folder / "classifier.json").write_text("[]"), "the shipped judge cannot be read"),
+    (lambda folder: (folder / "classifier.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((folder / "classifier.json").read_text()).items() if k != "section"})),
+     "the shipped judge cannot be read"),
     (lambda folder: (folder / "classifier.pt").unlink(), "the shipped judge cannot be read"),
 ])
 def test_a_damaged_shipped_judge_is_a_one_line_error(damage, fragment, tmp_path, monkeypatch, capsys):

@@ -157,7 +157,9 @@ def shipped_judge(ctx: Context, cfg: ClassifierConfig, folder: Path | None = Non
     try:
         record = json.loads((folder / "classifier.json").read_text())
         made = (folder / "classifier.pt").read_bytes()
-    except (OSError, ValueError) as e:
+        if not all(isinstance(record.get(key), dict) for key in ("settings", "section", "made")):
+            raise ValueError("classifier.json lacks its settings, section or provenance")
+    except (OSError, ValueError, AttributeError) as e:
         raise LatentlabError(f"{folder}: the shipped judge cannot be read ({type(e).__name__}); reinstall latentlab, "
                              "or --set classifier.shipped=false to train the judge in the run") from None
     if record.get("settings") != judge_settings(cfg):
