@@ -598,6 +598,10 @@ def sweep(args, command: str) -> int:
             raise LatentlabError(f"--out {out}: cannot create the folder ({e.strerror})") from None
         if not args.address:  # trials on this machine: the server they fork from imports while this one goes on
             start_fork_server(threads_per_trial(args.workers or default_workers(len(trials))))
+        # what the summary's pages need (1.7 s of imports: scikit-learn through the report, matplotlib), now, on the
+        # core the fork server's imports leave idle, rather than after the last trial, when the cores are
+        import latentlab.figures  # noqa: F401
+        import latentlab.report  # noqa: F401
         from latentlab.pipeline import locked
 
         with locked(SimpleNamespace(root=out)):  # one sweep per folder at a time
