@@ -118,6 +118,7 @@ def test_timeline_shows_the_stages_the_last_command_made():
     assert timeline(stages) == [("this process", "fewshot", 1.0, 9.5), ("beside", "classifier", 2.5, 2.0)]
     assert timeline({"flow": stages["flow"]}) == []
     assert timeline({"fewshot": {**stages["fewshot"], "started": "yesterday"}}) == []  # a hand-edited time
+    assert timeline({"fewshot": {k: v for k, v in stages["fewshot"].items() if k != "seconds"}}) == []
 
 
 def test_report_draws_the_timeline_where_stages_json_has_times(tmp_path):

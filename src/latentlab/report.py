@@ -237,7 +237,7 @@ def timeline(stages: dict) -> list[tuple[str, str, float, float]]:
         bars = [("beside" if r.get("beside") else "this process", name,
                  (datetime.fromisoformat(r["started"]) - began).total_seconds(), float(r["seconds"]))
                 for name, r in made.items() if r["invocation"] == last]
-    except (ValueError, TypeError):  # a hand-edited record: the table still has the times
+    except (ValueError, TypeError, KeyError):  # a hand-edited record: the table still has the times
         return []
     return sorted(bars, key=lambda bar: bar[2])
 
