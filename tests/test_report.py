@@ -1,9 +1,12 @@
 """The report: both files written, quick runs flagged, and every number traceable to metrics.json/config.json."""
 import json
+import math
 import re
 import shutil
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from latentlab.report import REFERENCE, timeline, write_report
 
@@ -131,3 +134,18 @@ def test_report_draws_the_timeline_where_stages_json_has_times(tmp_path):
     assert (tmp_path / "figures" / "timeline.png").stat().st_size > 1000
     assert "figures/timeline.png" in md.read_text()
     assert numbers_not_in_sources(md.read_text(), FAKE_METRICS, config) == []
+
+
+JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True), st.text(max_size=30),
+                        st.just("2026-11-29T04:10:02.500+00:00"), st.just("2026-11-29T04:10:02"), st.lists(st.integers()))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["autoencoder", "gan", "flow"]), st.fixed_dictionaries(
+    {"hash": st.just("0123456789abcdef")},
+    optional={k: JSON_VALUES for k in ("started", "invocation", "seconds", "beside", "reused_from")})))
+def test_timeline_never_fails_on_records_of_any_shape(stages):
+    """stages.json as a user may leave it: the timeline is drawn or skipped, never a traceback."""
+    for lane, name, start, seconds in timeline(stages):
+        assert lane in ("this process", "beside") and name in stages
+        assert math.isfinite(start) and math.isfinite(seconds) and seconds >= 0  # a figure can be drawn

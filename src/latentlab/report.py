@@ -227,8 +227,12 @@ def timeline(stages: dict) -> list[tuple[str, str, float, float]]:
     start in seconds since that command began; empty for records without times (runs before they were kept)."""
     from datetime import datetime
 
-    made = {name: r for name, r in stages.items()
-            if not r.get("reused_from") and all(isinstance(r.get(k), str) for k in ("started", "invocation"))}
+    def seconds(r) -> bool:
+        x = r.get("seconds")
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < float("inf")
+
+    made = {name: r for name, r in stages.items() if not r.get("reused_from") and seconds(r)
+            and all(isinstance(r.get(k), str) for k in ("started", "invocation"))}
     if not made:
         return []
     last = max(r["invocation"] for r in made.values())

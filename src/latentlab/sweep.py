@@ -17,6 +17,7 @@ Ray tasks on a cluster. Either way the same function, `run_trial`, runs each one
 Exit status: 0 when every trial is done; 1 when any failed (named on stderr and in sweep.json); 2 for bad
 input, before any trial starts.
 """
+import importlib
 import itertools
 import math
 import os
@@ -600,8 +601,8 @@ def sweep(args, command: str) -> int:
             start_fork_server(threads_per_trial(args.workers or default_workers(len(trials))))
         # what the summary's pages need (1.7 s of imports: scikit-learn through the report, matplotlib), now, on the
         # core the fork server's imports leave idle, rather than after the last trial, when the cores are
-        import latentlab.figures  # noqa: F401
-        import latentlab.report  # noqa: F401
+        for module in ("latentlab.figures", "latentlab.report"):
+            importlib.import_module(module)
         from latentlab.pipeline import locked
 
         with locked(SimpleNamespace(root=out)):  # one sweep per folder at a time
