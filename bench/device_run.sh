@@ -37,6 +37,7 @@ for name in first second; do
   timeout "$([ $name = first ] && echo 80 || echo 65)" python3 bench/run_all.py --device cuda --no-stages --keep "$work/$name"
   cp "$work/$name/metrics.json" "$out/${name}_metrics.json" 2>/dev/null
   cp "$work/$name/stages.json" "$out/${name}_stages.json" 2>/dev/null
+  cp "$work/$name/figures/timeline.png" "$out/${name}_timeline.png" 2>/dev/null  # where the GPU run's time went
 done
 
 # the flow's "no digit" target, both kinds, three training seeds each on the second run's codes (seconds on a GPU)
