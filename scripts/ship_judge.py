@@ -18,6 +18,7 @@ from latentlab.checks import config_from_json
 from latentlab.classifier import judge_settings, ship
 from latentlab.config import ClassifierConfig
 from latentlab.runfolder import Run
+from latentlab.sweep import thread_env
 
 
 def main():
@@ -29,9 +30,8 @@ def main():
         if not args.run:
             # one thread, as the judge trains beside the autoencoder in a default run on 2 CPU cores: the same
             # bytes as that run's judge (threads change the order of float sums)
-            one = {"LATENTLAB_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
             subprocess.run([sys.executable, "-m", "latentlab", "train-classifier", "--run", str(folder),
-                            "--set", "classifier.shipped=false"], check=True, env={**os.environ, **one})
+                            "--set", "classifier.shipped=false"], check=True, env={**os.environ, **thread_env(1)})
         config = config_from_json(folder / "config.json")
         default = ClassifierConfig()
         if (config.data_dir is not None or config.classifier.shipped

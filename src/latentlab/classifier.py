@@ -180,18 +180,15 @@ def stage(ctx: Context) -> dict:
         made, record = shipped
         ctx.run.save_checkpoint_bytes("classifier", made)
         model = load_classifier(ctx.run).to(ctx.device)
-        return {"classifier": {
-            **record["section"], "test_accuracy": accuracy(model, ctx.images("test"), ctx.labels("test")),
-            "device": str(ctx.device), "shipped": record["made"]}}
-    model, history, trained = train_judge(ctx, cfg)
-    ctx.run.save_checkpoint("classifier", checkpoint(model, cfg))
-    return {"classifier": {
-        "test_accuracy": accuracy(model, ctx.images("test"), ctx.labels("test")),
-        "val_accuracy": history["val_accuracy"][-1],
-        "epochs": cfg.epochs, **trained, "seed": cfg.seed,
-        "feature_dim": model.head[-1].in_features, "width": cfg.width, "device": str(ctx.device),
-        "history": {k: [round(v, 6) for v in vs] for k, vs in history.items()},
-    }}
+        section = {**record["section"], "shipped": record["made"]}
+    else:
+        model, history, trained = train_judge(ctx, cfg)
+        ctx.run.save_checkpoint("classifier", checkpoint(model, cfg))
+        section = {"val_accuracy": history["val_accuracy"][-1], "epochs": cfg.epochs, **trained, "seed": cfg.seed,
+                   "feature_dim": model.head[-1].in_features, "width": cfg.width,
+                   "history": {k: [round(v, 6) for v in vs] for k, vs in history.items()}}
+    return {"classifier": {**section, "test_accuracy": accuracy(model, ctx.images("test"), ctx.labels("test")),
+                           "device": str(ctx.device)}}
 
 
 def ship(run: Run, cfg: ClassifierConfig, folder: Path | None = None) -> dict:
@@ -199,14 +196,14 @@ def ship(run: Run, cfg: ClassifierConfig, folder: Path | None = None) -> dict:
     record. Only the judge of the shipped MNIST and the default settings is shipped (scripts/ship_judge.py)."""
     from latentlab.runfolder import atomic_write, environment
 
-    section = {k: v for k, v in run.metrics()["classifier"].items() if k not in ("test_accuracy", "device", "shipped")}
+    judge = run.metrics()["classifier"]
+    section = {k: v for k, v in judge.items() if k not in ("test_accuracy", "device", "shipped")}
     folder = folder or SHIPPED
     made = (run.checkpoints / "classifier.pt").read_bytes()
     torch.load(io.BytesIO(made), weights_only=True)  # a readable checkpoint, or this fails here and not in a run
     record = {"settings": judge_settings(cfg), "sha256": hashlib.sha256(made).hexdigest(), "section": section,
               "made": {"by": "latentlab train-classifier --set classifier.shipped=false",
-                       "test_accuracy": run.metrics()["classifier"]["test_accuracy"],
-                       "device": run.metrics()["classifier"]["device"], **environment()}}
+                       "test_accuracy": judge["test_accuracy"], "device": judge["device"], **environment()}}
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / "classifier.pt", lambda f: f.write(made))
     atomic_write(folder / "classifier.json", lambda f: f.write(json.dumps(record, indent=1).encode()))

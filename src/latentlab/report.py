@@ -241,7 +241,7 @@ def timeline(stages: dict) -> list[tuple[str, str, float, float]]:
         bars = [("beside" if r.get("beside") else "this process", name,
                  (datetime.fromisoformat(r["started"]) - began).total_seconds(), float(r["seconds"]))
                 for name, r in made.items() if r["invocation"] == last]
-    except (ValueError, TypeError, KeyError):  # a hand-edited record: the table still has the times
+    except (ValueError, TypeError):  # a hand-edited time: the table still has the seconds
         return []
     return sorted(bars, key=lambda bar: bar[2])
 
@@ -265,7 +265,7 @@ def settings_section(m: dict, config: dict, w: dict, stages: dict, root: Path) -
     ])
 
 
-def markdown_report(metrics: dict, config: dict, root: Path) -> str:
+def markdown_report(metrics: dict, config: dict, stages: dict, root: Path) -> str:
     w = words(config)
     parts = [f"# latentlab report: {w['name']}"]
     if config.get("quick"):
@@ -280,10 +280,6 @@ def markdown_report(metrics: dict, config: dict, root: Path) -> str:
                                  f"({type(e).__name__}: {' '.join(str(e).split())[:80]})") from None
         if text:
             parts.append(in_words(text, w))  # tables, target names and figure captions too
-    try:  # which stages were taken from another run (--reuse, a sweep's trials)
-        stages = read_stages(root / "stages.json")
-    except LatentlabError:  # missing or damaged: the timings alone
-        stages = {}
     parts.append(settings_section(metrics, config, w, stages, root))
     return "\n\n".join(parts) + "\n"
 
@@ -315,16 +311,17 @@ def write_report(root: Path) -> tuple[Path, Path]:
     metrics = read_metrics(root / "metrics.json")
     config_from_json(root / "config.json")  # checked; the report prints the file's own values
     config = read_json(root / "config.json")
-    try:
-        bars = timeline(read_stages(root / "stages.json"))
-    except LatentlabError:  # stages.json missing or damaged: no timeline
-        bars = []
+    try:  # which stages were taken from another run (--reuse, a sweep's trials), and when each ran
+        stages = read_stages(root / "stages.json")
+    except LatentlabError:  # missing or damaged: the timings alone, no timeline
+        stages = {}
+    bars = timeline(stages)
     if bars:
         from latentlab import figures
 
         figures.stage_timeline(bars, root / "figures" / "timeline.png",
                                title="where the last command's time went: each stage on its process")
-    text = markdown_report(metrics, config, root)
+    text = markdown_report(metrics, config, stages, root)
     write_text(root / "report.md", text)
     write_text(root / "report.html", html_report(text, root))
     return root / "report.md", root / "report.html"
