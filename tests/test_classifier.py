@@ -116,7 +116,7 @@ def test_default_settings_on_the_shipped_mnist_take_the_shipped_judge(tmp_path):
     assert section["shipped"]["git_commit"] and section["train_images"] == 55_000
     assert section["test_accuracy"] == section["shipped"]["test_accuracy"] >= 0.992
     records = json.loads((run.root / "stages.json").read_text())
-    assert [r["files"] for r in records.values()] == [["checkpoints/classifier.pt"]]  # for --reuse
+    assert [r["files"] for r in records.values()] == [["checkpoints/classifier.pt", "test_features.pt"]]  # for --reuse
 
 
 def test_quick_keeps_the_shipped_judge_and_shrinks_one_for_other_data():

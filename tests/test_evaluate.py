@@ -106,6 +106,54 @@ def test_the_test_reference_is_made_once_per_classifier_checkpoint(gan_run, tmp_
     assert reference_of_test_images(ctx, classifier) is not first
 
 
+def test_the_classifier_stage_leaves_the_test_reference_for_the_stages_after_it(gan_run, tmp_path, monkeypatch):
+    """The classifier stage writes the test images' features and k-NN radii (test_features.pt); a later process
+    reads them instead of passing the test images through the judge again, and they are what it would make."""
+    from latentlab import classifier as judge
+    from latentlab.metrics import knn_radii
+
+    run = Run(shutil.copytree(gan_run.root, tmp_path / "r", ignore=shutil.ignore_patterns(".lock")))
+    assert (run.root / "test_features.pt").exists()
+    ctx = Context(run, tiny_config())
+    made = embed(load_classifier(run), ctx.images("test"))[0]
+    monkeypatch.setattr(judge, "features", lambda *a, **k: pytest.fail("the judge ran over the test images again"))
+    real = judge.reference_of_test_images(ctx, load_classifier(run))
+    assert torch.equal(real.features, made) and real._radii is not None  # the radii came with them
+    assert torch.equal(real.radii, knn_radii(made, ctx.config.evaluation.k))
+
+
+@pytest.mark.parametrize("fault", ["damaged", "another judge", "another k"])
+def test_a_saved_test_reference_serves_only_its_own_judge_and_k(gan_run, tmp_path, fault):
+    """A damaged file, or one of another judge, is made anew from the images; another k keeps the features and
+    makes the radii for that k. Never an error: the file is a cache."""
+    from latentlab import classifier as judge
+    from latentlab.metrics import knn_radii
+
+    run = Run(shutil.copytree(gan_run.root, tmp_path / "r", ignore=shutil.ignore_patterns(".lock")))
+    config = tiny_config()
+    saved = run.root / "test_features.pt"
+    if fault == "damaged":
+        saved.write_bytes(saved.read_bytes()[:1000])
+    elif fault == "another judge":  # a retrained judge: other weights, so another checkpoint digest
+        checkpoint = torch.load(run.checkpoints / "classifier.pt", weights_only=True)
+        checkpoint["state_dict"]["head.1.bias"] += 1.0
+        run.save_checkpoint("classifier", checkpoint)
+    else:
+        config.evaluation.k = 5
+    ctx = Context(run, config)
+    classifier = load_classifier(run)
+    calls = []
+    original = judge.features
+    judge_features = lambda *a, **k: calls.append(1) or original(*a, **k)  # noqa: E731
+    import unittest.mock
+
+    with unittest.mock.patch.object(judge, "features", judge_features):
+        real = judge.reference_of_test_images(ctx, classifier)
+    assert len(calls) == (0 if fault == "another k" else 1)
+    assert torch.equal(real.features, embed(classifier, ctx.images("test"))[0])
+    assert torch.equal(real.radii, knn_radii(real.features, config.evaluation.k))
+
+
 def test_gmm_fits_the_modes_and_scores_validation():
     rng = np.random.default_rng(0)
     centres = np.array([[-6.0, 0.0], [0.0, 6.0], [6.0, 0.0]])

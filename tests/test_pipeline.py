@@ -269,3 +269,43 @@ def test_the_stage_here_takes_the_idle_core_once_nothing_is_left_to_run_beside()
     gate.set()
     schedule.watcher.join(10)
     assert recorded[-1] == "gan" and ctx.threads == 2
+
+
+def test_the_child_is_let_go_once_nothing_is_left_that_may_run_beside():
+    """When the stage beside ends and no stage left may run beside (only the evaluation, which runs here), the
+    child is told to end then, so that its exit overlaps this side's last stage; the end of the run does not
+    tell it twice. While a stage that may run beside is still waiting for its inputs, the child is kept."""
+    from types import SimpleNamespace
+
+    import torch
+
+    finished = ("ok", {}, 1.0, 10.0, 1.0, [])
+
+    class Done:
+        def recv(self):
+            return finished
+
+    class Child:
+        def __init__(self):
+            self.sent, self.joined = [], 0
+
+        def send(self, name):
+            self.sent.append(name)
+
+        def is_alive(self):
+            return not self.joined  # it ends once told and waited for
+
+        def join(self, timeout=None):
+            self.joined += 1
+
+    fake_pipeline = SimpleNamespace(ctx=SimpleNamespace(device=torch.device("cpu"), threads=1),
+                                    record=lambda *args, **kwargs: None, stage_files=lambda written: [],
+                                    try_reuse=lambda name: False, claim=lambda name: None, unclaim=lambda name: None)
+    for todo, done, let_go in ((["evaluation"], set(), True), (["gan", "evaluation"], set(), False)):
+        child = Child()
+        schedule = pipeline.Schedule(fake_pipeline, todo=todo, done=done, beside=True)
+        schedule.main_threads, schedule.process, schedule.connection = 1, child, child
+        schedule._watch("interpolation", Done(), None)  # the GAN waits for the autoencoder: not ready, kept
+        assert child.sent == ([None] if let_go else []) and schedule.released == let_go
+        schedule.stop()
+        assert child.sent == [None] and child.joined >= 1  # told once, and waited for

@@ -91,11 +91,12 @@ def precision_recall(real_features, fake_features, k: int = 3, batch_size: int |
 class Reference:
     """A real feature set prepared once for many comparisons: its mean, covariance and k-NN radii."""
 
-    def __init__(self, features, k: int = 3, batch_size: int | None = None):
+    def __init__(self, features, k: int = 3, batch_size: int | None = None, radii: torch.Tensor | None = None):
+        """`radii`: these features' k-NN radii, where they were made before (a saved reference)."""
         self.features = _as_tensor(features, torch.float32)
         self.k, self.batch_size = k, batch_size
         self.mean, self.cov = _mean_cov(self.features.double())
-        self._radii = None
+        self._radii = None if radii is None else radii.to(self.features)
 
     @property
     def radii(self) -> torch.Tensor:

@@ -369,6 +369,7 @@ class Schedule:
         self.condition = threading.Condition()  # guards everything below; the watcher thread notifies it
         self.main_threads = 0                   # threads of the stage running here (0: none)
         self.process = self.connection = self.watcher = None  # the child process beside, its pipe, its waiter
+        self.released = False                   # the child was told to end: no stage left for it
         self.failure: BaseException | None = None
         self.wait_on: Path | None = None        # a stage's claim held by another run (--reuse)
 
@@ -445,6 +446,11 @@ class Schedule:
         """Send the next stage allowed beside to the child process, if one is ready (under the lock)."""
         name = self._take(self.beside_order, only=True)
         if name is None:
+            if self.process is not None and not self.released and not set(self.todo) & set(self.beside_order):
+                # nothing left that may run beside: let the child end now, beside this side's last stages, instead
+                # of at the end of the run (its exit took 0.5-0.7 s there)
+                self.released = True
+                self.connection.send(None)
             return
         if self.process is None:  # started once, on first need: a run with nothing to do beside spawns nothing
             self._spawn()
@@ -507,7 +513,8 @@ class Schedule:
         if process is not None and process.is_alive():
             if not self.side_busy:
                 try:
-                    self.connection.send(None)
+                    if not self.released:
+                        self.connection.send(None)
                     process.join(5)
                 except OSError:
                     pass
