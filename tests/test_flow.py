@@ -101,6 +101,28 @@ def test_solvers_agree_when_given_enough_steps(mixture_field):
         flow.integrate(model, noise, digit, solver="rk45")
 
 
+@pytest.mark.parametrize("steps", [1, 2, 8])
+def test_heun_never_asks_the_field_at_the_end_of_the_path(steps):
+    """Heun averages the slopes at both ends of each step, but its last step is Euler's: the field at t = 1, the
+    least trained, is never evaluated (2 * steps - 1 evaluations); Euler's is the same path's first-order form."""
+    times = []
+
+    class Field(torch.nn.Module):  # a linear field that records the times it is asked at
+        latent_dim = 2
+
+        def forward(self, x, t, digit):
+            times.extend(t.unique().tolist())
+            return -x + t[:, None]
+
+    noise = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
+    heun = flow.integrate(Field(), noise, None, solver="heun", steps=steps)
+    assert len(times) == 2 * steps - 1 and max(times) == pytest.approx(1 - 1 / steps) and min(times) == 0
+    times.clear()
+    euler = flow.integrate(Field(), noise, None, solver="euler", steps=steps)
+    assert len(times) == steps
+    assert torch.equal(heun, euler) == (steps == 1)  # one step: Heun is Euler; more: the inner steps differ
+
+
 def test_training_and_sampling_repeat_with_the_seed():
     points, labels = mixture(300)
     cfg = FlowConfig(steps=30, batch_size=32, hidden=16, layers=1, embed_dim=8, log_every=10)

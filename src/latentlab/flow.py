@@ -213,7 +213,10 @@ def integrate(model: VelocityField, noise: torch.Tensor, digit: torch.Tensor | N
     for i in range(steps):
         t = i * dt
         v = velocity(model, x, t, digit, guidance, rescale)
-        if solver == "euler":
+        if solver == "euler" or (solver == "heun" and i == steps - 1):
+            # heun's last step is euler's, as in EDM's sampler: the field at t = 1, which heun would average in, is
+            # the least trained (logit-normal training times rarely come near it). Four flows: Frechet distance
+            # 0.12-0.27 lower, recall 0.012-0.016 higher, one pass fewer (docs/flow_sweep.md)
             x = x + dt * v
         elif solver == "midpoint":
             x = x + dt * velocity(model, x + dt / 2 * v, t + dt / 2, digit, guidance, rescale)
