@@ -138,10 +138,10 @@ class Config:
 QUICK = {
     "autoencoder": {"epochs": 1, "train_limit": 12_000},
     "classifier": {"epochs": 1, "train_limit": 8_000},
-    "fewshot": {"draws": 2, "epochs": 40, "train_limit": 5_000, "end_to_end_draws": 1, "curve_every": 10},
+    "fewshot": {"draws": 2, "epochs": 30, "train_limit": 5_000, "end_to_end_draws": 1, "curve_every": 10},
     "gan": {"steps": 1000},
     "cgan": {"steps": 1000},
-    "flow": {"steps": 400},
+    "flow": {"steps": 300},
     "interpolation": {"pairs": 50},
     "evaluation": {"samples": 1000, "flow_sweep_samples": 200, "gmm_components": 10, "gmm_components_per_digit": 4,
                    "gmm_fit_limit": 3000},
