@@ -58,7 +58,7 @@ def build_parser() -> Parser:
     p.add_argument("--out", help="run folder (default runs/<data>-seed<seed>)")
     p.add_argument("--quick", action="store_true",
                    help="a smaller pipeline for a first look: smaller slices, fewer epochs and steps (measured at "
-                        "commit 61406c9 on 2 idle CPU cores: 34-39 s wall, 0.9-1.3 GB peak memory)")
+                        "commit c9bbd8e on 2 CPU cores: 30-32 s wall, about 0.9 GB peak memory)")
     p.add_argument("--force", action="store_true", help="redo every stage, even those already done")
     p.add_argument("--reuse", action="append", default=[], metavar="PLACE",
                    help="take each stage that a run folder here (or in this folder of run folders, such as a sweep) "

@@ -6,8 +6,9 @@ v onto the path's velocity x1 - x0. The digit is replaced by a "no digit" class 
 `label_dropout`, so one network samples a chosen digit or any digit, and classifier-free guidance
 (Ho & Salimans 2022) mixes the two: v = v(no digit) + guidance * (v(digit) - v(no digit)), rescaled towards the
 digit's own speed (Lin et al. 2024), so that guidance turns the path rather than speeding along it.
-Sampling integrates dx/dt = v from noise at t=0 to a code at t=1 with a fixed-step solver; the map from
-noise to code is deterministic, so noise-space interpolation means something here too.
+Sampling integrates dx/dt = v from noise at t=0 to a code at t=1 with a fixed-step solver (Heun's last step is
+Euler's, as in EDM's sampler); the map from noise to code is deterministic, so noise-space interpolation means
+something here too.
 
 This module also holds what `latentlab sample --model flow` needs and imports no matplotlib at module
 level, so a cold `sample` stays fast. Every setting tried and its score is in docs/flow_sweep.md.
