@@ -126,6 +126,13 @@ def stage_hashes(config: Config) -> dict[str, str]:
     return hashes
 
 
+def stage_done(root: Path, stage: Stage, record: dict | None, stage_hash: str) -> bool:
+    """Whether a run folder holds `stage` done: its record carries this hash and its outputs exist (what `run`
+    skips; a sweep asks it of each trial's folder without a Pipeline)."""
+    return bool(record and record.get("hash") == stage_hash
+                and all((root / out).exists() for out in stage.outputs))
+
+
 def stage_function(name: str):
     function = stage_named(name).function
     if callable(function):
@@ -184,10 +191,7 @@ class Pipeline:
         return read_stages(path) if path.exists() else {}
 
     def is_done(self, name: str) -> bool:
-        stage = stage_named(name)
-        record = self.records().get(name)
-        return bool(record and record.get("hash") == self.hashes[name]
-                    and all((self.run.root / out).exists() for out in stage.outputs))
+        return stage_done(self.run.root, stage_named(name), self.records().get(name), self.hashes[name])
 
     def write_config(self) -> None:
         write_json(self.run.root / "config.json", {**to_dict(self.config), "environment": environment()})

@@ -29,7 +29,7 @@ import time
 from argparse import Namespace
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from latentlab.errors import LatentlabError
@@ -62,6 +62,7 @@ class Trial:
     seed: int
     grid: tuple[str, ...]       # the grid point's settings, e.g. ("gan.steps=500",)
     settings: tuple[str, ...]   # every --set of the trial: the sweep's --set, then the grid point's
+    config: object = field(default=None, compare=False)  # its resolved Config, as `plan` checked it
 
     @property
     def point(self) -> str:
@@ -142,7 +143,7 @@ def plan(args) -> list[Trial]:
             trial = Trial(name=_safe("__".join([f"seed{seed}", *point])), seed=seed, grid=point,
                           settings=(*args.set, *point))
             try:
-                trial_config(args, trial)
+                trial = replace(trial, config=trial_config(args, trial))
             except LatentlabError as e:  # e.g. a grid value that breaks a cross-setting check
                 raise LatentlabError(f"--grid point {trial.point}: {e}" if point else str(e)) from None
             trials.append(trial)
@@ -298,7 +299,7 @@ def run_trial(command: list[str], folder: str, threads: int, running: dict | Non
 
 def is_done(folder: Path, config) -> bool:
     """Every stage recorded with the hashes of these settings and its files there (what `run` would skip)."""
-    from latentlab.pipeline import STAGES, stage_hashes
+    from latentlab.pipeline import STAGES, stage_done, stage_hashes
     from latentlab.runfolder import read_json
 
     path = folder / "stages.json"
@@ -309,8 +310,7 @@ def is_done(folder: Path, config) -> bool:
     except LatentlabError:
         return False
     hashes = stage_hashes(config)
-    return all(records.get(s.name, {}).get("hash") == hashes[s.name]
-               and all((folder / o).exists() for o in s.outputs) for s in STAGES)
+    return all(stage_done(folder, s, records.get(s.name), hashes[s.name]) for s in STAGES)
 
 
 # ---------------------------------------------------------------- executors
@@ -618,7 +618,7 @@ def sweep(args, command: str) -> int:
 def _run(args, trials: list[Trial], out: Path, command: str) -> dict:
     results, jobs = {}, []
     for trial in trials:
-        if is_done(out / trial.name, trial_config(args, trial)):
+        if is_done(out / trial.name, trial.config):
             results[trial.name] = {"status": "done before", "error": None, "seconds": None}
         else:
             jobs.append((trial, trial_command(out, trial, quick=args.quick, device=args.device, reuse=args.reuse,
