@@ -175,7 +175,7 @@ def test_killed_run_resumes(tmp_path):
     out = tmp_path / "r"
     cmd = [sys.executable, "-m", "latentlab", "train-ae", "--run", str(out), "--device", "cpu",
            "--set", "autoencoder.width=8", "--set", "autoencoder.epochs=50", "--set", "autoencoder.train_limit=4000"]
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while time.time() < deadline and not (out / "split.npz").exists():
         time.sleep(0.2)
