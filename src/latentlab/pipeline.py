@@ -454,7 +454,10 @@ class Schedule:
                 # nothing left that may run beside: let the child end now, beside this side's last stages, instead
                 # of at the end of the run (its exit took 0.5-0.7 s there)
                 self.released = True
-                self.connection.send(None)
+                try:
+                    self.connection.send(None)
+                except OSError:  # it is gone already: stop() finds it so
+                    pass
             return
         if self.process is None:  # started once, on first need: a run with nothing to do beside spawns nothing
             self._spawn()
