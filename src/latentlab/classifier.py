@@ -110,18 +110,13 @@ def load_classifier(run: Run) -> DigitClassifier:
 TEST_FEATURES = "test_features.pt"
 
 
-def judge_fingerprint(run: Run) -> str:
-    """SHA-256 of the judge's checkpoint file: which judge a saved reference belongs to."""
-    return hashlib.sha256((run.checkpoints / "classifier.pt").read_bytes()).hexdigest()
-
-
 def write_test_reference(run: Run, reference: Reference) -> None:
     """DIR/test_features.pt: the judge's features of the test images and their k-NN radii. The classifier stage
     writes it, so that the stages that compare with the test images (baselines, interpolation, evaluation: often
     in other processes, or other trials of a sweep) load them instead of passing the 10k images through the
     judge again (1.4-2 s each on one CPU thread)."""
     atomic_write(run.root / TEST_FEATURES, lambda f: torch.save(
-        {"classifier_sha256": judge_fingerprint(run), "k": reference.k, "features": reference.features.cpu(),
+        {"classifier_sha256": run.checkpoint_sha256("classifier"), "k": reference.k, "features": reference.features.cpu(),
          "radii": reference.radii.cpu()}, f))
 
 
@@ -130,7 +125,7 @@ def read_test_reference(run: Run, count: int, k: int, device) -> Reference | Non
     with this k. Else None (made anew: a cache, never a source of truth)."""
     try:
         saved = torch.load(run.root / TEST_FEATURES, map_location="cpu", weights_only=True)
-        if saved.get("classifier_sha256") != judge_fingerprint(run):
+        if saved.get("classifier_sha256") != run.checkpoint_sha256("classifier"):
             return None
         feats, radii = saved["features"], saved["radii"]
         if not (feats.dtype == torch.float32 and feats.ndim == 2 and len(feats) == count and radii.shape == (count,)

@@ -5,7 +5,6 @@ of it resident), and so do each split's latent codes: read from DIR/codes.pt, wh
 writes with its checkpoint, or encoded once per process where that file does not belong to the run's
 autoencoder. The autoencoder stage calls `autoencoder_changed()` after it saves a new model.
 """
-import hashlib
 import os
 import zlib
 
@@ -57,15 +56,10 @@ def split_seed(path) -> int | None:
         return None
 
 
-def autoencoder_fingerprint(run: Run) -> str:
-    """SHA-256 of the autoencoder's checkpoint file: which autoencoder a codes file belongs to."""
-    return hashlib.sha256((run.checkpoints / "autoencoder.pt").read_bytes()).hexdigest()
-
-
 def write_codes(run: Run, codes: dict[str, torch.Tensor]) -> None:
     """DIR/codes.pt: every split's codes, so that later processes load them instead of encoding 70k images."""
     atomic_write(run.root / "codes.pt", lambda f: torch.save(
-        {"autoencoder_sha256": autoencoder_fingerprint(run), **{k: v.cpu() for k, v in codes.items()}}, f))
+        {"autoencoder_sha256": run.checkpoint_sha256("autoencoder"), **{k: v.cpu() for k, v in codes.items()}}, f))
 
 
 def read_codes(run: Run, autoencoder: Autoencoder) -> dict[str, torch.Tensor]:
@@ -73,7 +67,7 @@ def read_codes(run: Run, autoencoder: Autoencoder) -> dict[str, torch.Tensor]:
     path = run.root / "codes.pt"
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved.get("autoencoder_sha256") != autoencoder_fingerprint(run):
+        if saved.get("autoencoder_sha256") != run.checkpoint_sha256("autoencoder"):
             return {}
     except Exception:  # missing, damaged or foreign: encoding again is always right
         return {}

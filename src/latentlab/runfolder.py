@@ -5,6 +5,7 @@
     DIR/figures/        PNG figures
     DIR/checkpoints/    one .pt file per model, each enough to rebuild it without flags
 """
+import hashlib
 import json
 import os
 import platform
@@ -137,6 +138,10 @@ class Run:
         path = self.checkpoints / f"{name}.pt"
         atomic_write(path, lambda f: torch.save(checkpoint, f))
         return path
+
+    def checkpoint_sha256(self, name: str) -> str:
+        """SHA-256 of checkpoint `name`'s file: which model a file made from it (codes, test features) belongs to."""
+        return hashlib.sha256((self.checkpoints / f"{name}.pt").read_bytes()).hexdigest()
 
     def save_checkpoint_bytes(self, name: str, made: bytes) -> Path:
         """A checkpoint file as it was made elsewhere (the shipped judge), byte for byte."""
