@@ -600,7 +600,7 @@ def sweep(args, command: str) -> int:
         if not args.address:  # trials on this machine: the server they fork from imports while this one goes on
             start_fork_server(threads_per_trial(args.workers or default_workers(len(trials))))
         # what the summary's pages need (1.7 s of imports: scikit-learn through the report, matplotlib), now, on the
-        # core the fork server's imports leave idle, rather than after the last trial, when the cores are
+        # core the fork server's imports leave idle, rather than after the last trial, where the sweep's end waits on them
         for module in ("latentlab.figures", "latentlab.report"):
             importlib.import_module(module)
         from latentlab.pipeline import locked
