@@ -14,7 +14,8 @@ from latentlab import classifier as judge_module
 from latentlab import pixels as pixel_forms
 from latentlab.classifier import (SHIPPED, features, features_and_proba, load_classifier, predict_proba, ship,
                                   shipped_judge, train_classifier)
-from latentlab.config import ClassifierConfig, make_config
+from latentlab.cli import build_parser, resolve_config
+from latentlab.config import QUICK, ClassifierConfig, make_config
 from latentlab.context import Context
 from latentlab.errors import LatentlabError
 from latentlab.models import DigitClassifier
@@ -122,6 +123,17 @@ def test_default_settings_on_the_shipped_mnist_take_the_shipped_judge(tmp_path):
 def test_quick_keeps_the_shipped_judge_and_shrinks_one_for_other_data():
     assert make_config(quick=True).classifier == ClassifierConfig()
     assert make_config(quick=True, data_dir="/elsewhere").classifier.epochs == 1
+
+
+@pytest.mark.parametrize("extra, epochs", [([], 1), (["--set", "classifier.epochs=2"], 2)])
+def test_quick_without_the_shipped_judge_trains_the_quick_one(extra, epochs):
+    """--quick --set classifier.shipped=false trains a judge after all: the quick one, not the default's 3 epochs
+    on 55k images; a judge setting given with --set still wins."""
+    args = build_parser().parse_args(["run", "--quick", "--set", "classifier.shipped=false", *extra])
+    judge = resolve_config(args).classifier
+    assert (judge.shipped, judge.epochs, judge.train_limit) == (False, epochs, QUICK["classifier"]["train_limit"])
+    assert resolve_config(build_parser().parse_args(["run", "--set", "classifier.shipped=false"])).classifier \
+        == dataclasses.replace(ClassifierConfig(), shipped=False)  # without --quick: the default settings
 
 
 JUDGE_SETTINGS = {"epochs": st.integers(1, 5), "batch_size": st.sampled_from([64, 128, 256]),
