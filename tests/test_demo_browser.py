@@ -53,10 +53,11 @@ def start_demo(run_dir, port: int, timeout: float = 180.0) -> tuple[subprocess.P
     lines, started = [], threading.Event()
 
     def read():
-        for line in process.stdout:
-            lines.append(line)
-            if "running at" in line:
-                started.set()
+        with process.stdout:  # closed here, at the server's exit, by the one thread that reads it
+            for line in process.stdout:
+                lines.append(line)
+                if "running at" in line:
+                    started.set()
         started.set()  # the server exited
 
     threading.Thread(target=read, daemon=True).start()
