@@ -185,7 +185,7 @@ def flow_sweep(steps: dict, guidance: dict, floor: float, path: Path, *, note: s
 def stage_timeline(bars: list[tuple[str, str, float, float]], path: Path, *, title: str) -> Path:
     """Where a run's time went: each stage a bar on the lane of the process that ran it.
 
-    `bars`: (lane, stage, start, seconds), start in seconds since the command began."""
+    `bars`: (lane, stage, start, seconds), start in seconds since the pipeline began."""
     lanes = list(dict.fromkeys(lane for lane, *_ in bars))
     end = max(start + seconds for _, _, start, seconds in bars)
     fig, ax = plt.subplots(figsize=(9, 0.55 * len(lanes) + 1.3))
@@ -198,6 +198,6 @@ def stage_timeline(bars: list[tuple[str, str, float, float]], path: Path, *, tit
     ax.set_yticks(range(len(lanes)), lanes)
     ax.invert_yaxis()
     ax.set_xlim(0, end * 1.01)
-    ax.set_xlabel("seconds since the command started")
+    ax.set_xlabel("seconds since the pipeline started (Python's start and imports before it are not drawn)")
     ax.set_title(title, fontsize=10)
     return _save(fig, path)

@@ -224,7 +224,7 @@ def interpolation_section(m: dict, root: Path, w: dict) -> str:
 
 def timeline(stages: dict) -> list[tuple[str, str, float, float]]:
     """The stages the last command made (not those taken from another run) as (lane, stage, start, seconds),
-    start in seconds since that command began; empty for records without times (runs before they were kept)."""
+    start in seconds since that command's pipeline began; empty for records without times (runs before they were kept)."""
     from datetime import datetime
 
     def seconds(r) -> bool:
