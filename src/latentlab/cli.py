@@ -145,7 +145,7 @@ def apply_settings(config, assignments: list[str]) -> None:
 
 
 def resolve_config(args, base=None):
-    from latentlab.config import QUICK, make_config, validate
+    from latentlab.config import QUICK, make_config, quick_shrinks_judge, validate
 
     data_dir = None
     if args.data_dir is not None:
@@ -167,7 +167,7 @@ def resolve_config(args, base=None):
     if getattr(args, "draws", None) is not None:
         config.fewshot.draws = args.draws
     apply_settings(config, args.set)
-    if base is None and config.quick and config.data_dir is None and not config.classifier.shipped:
+    if base is None and quick_shrinks_judge(config):
         # --quick --set classifier.shipped=false: a judge is trained after all, so the quick one (as on other data),
         # not the default's 3 epochs on 55k images; the --set values are applied again on top and still win
         for key, value in QUICK["classifier"].items():

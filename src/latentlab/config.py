@@ -148,11 +148,16 @@ QUICK = {
 }
 
 
+def quick_shrinks_judge(config: Config) -> bool:
+    """Whether --quick shrinks the judge: only where one is trained, on other data or with the shipped one off."""
+    return config.quick and (config.data_dir is not None or not config.classifier.shipped)
+
+
 def make_config(*, quick: bool = False, **top) -> Config:
     config = Config(quick=quick, **top)
     if quick:
         for section, changes in QUICK.items():
-            if section == "classifier" and config.data_dir is None and config.classifier.shipped:
+            if section == "classifier" and not quick_shrinks_judge(config):
                 continue
             for key, value in changes.items():
                 setattr(getattr(config, section), key, value)
