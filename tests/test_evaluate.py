@@ -123,7 +123,7 @@ def test_the_classifier_stage_leaves_the_test_reference_for_the_stages_after_it(
 
 
 @pytest.mark.parametrize("fault", ["damaged", "another judge", "another k"])
-def test_a_saved_test_reference_serves_only_its_own_judge_and_k(gan_run, tmp_path, fault):
+def test_a_saved_test_reference_serves_only_its_own_judge_and_k(gan_run, tmp_path, monkeypatch, fault):
     """A damaged file, or one of another judge, is made anew from the images; another k keeps the features and
     makes the radii for that k. Never an error: the file is a cache."""
     from latentlab import classifier as judge
@@ -144,11 +144,9 @@ def test_a_saved_test_reference_serves_only_its_own_judge_and_k(gan_run, tmp_pat
     classifier = load_classifier(run)
     calls = []
     original = judge.features
-    judge_features = lambda *a, **k: calls.append(1) or original(*a, **k)  # noqa: E731
-    import unittest.mock
-
-    with unittest.mock.patch.object(judge, "features", judge_features):
-        real = judge.reference_of_test_images(ctx, classifier)
+    monkeypatch.setattr(judge, "features", lambda *a, **k: calls.append(1) or original(*a, **k))
+    real = judge.reference_of_test_images(ctx, classifier)
+    monkeypatch.undo()  # the checks below pass the test images through the real judge
     assert len(calls) == (0 if fault == "another k" else 1)
     assert torch.equal(real.features, embed(classifier, ctx.images("test"))[0])
     assert torch.equal(real.radii, knn_radii(real.features, config.evaluation.k))
