@@ -123,6 +123,20 @@ def test_whitening_scales_each_principal_direction_by_its_variance_to_the_power(
         assert embedded.max() / embedded.min() == pytest.approx(10 ** (1 - 2 * power), rel=0.03)
 
 
+def test_encoder_features_begin_with_the_code_then_pool_each_conv_layer():
+    from latentlab.models import Encoder
+
+    torch.manual_seed(0)
+    encoder, images = Encoder(latent_dim=8, width=4).eval(), torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        both = encoder.with_features(images)
+        first = encoder.net[:2](images)
+    assert both.shape == (5, 8 + 34 * 4)
+    torch.testing.assert_close(both[:, :8], encoder(images))
+    # each of the first layer's 4 channels of 14 x 14 in a 4 x 4 grid of cells; the top-left cell: rows, columns 0-3
+    torch.testing.assert_close(both[:, 8:8 + 16 * 4:16], first[:, :, :4, :4].mean((2, 3)))
+
+
 def test_deskew_straightens_and_centres_a_slanted_stroke():
     import torch
 
@@ -153,10 +167,14 @@ def test_metrics_figures_and_saved_draws(first):
     for name in ("poisson", "deskew_poisson", "deskew_poisson_balanced"):
         assert fs["methods"][name]["family"] == "graph" and fs["methods"][name]["uses_unlabelled_codes"] is True
     assert [a["method"] for a in fs["ablation"]] == ["logistic_regression", "poisson", "poisson_balanced",
-                                                     "deskew_poisson", "deskew_poisson_balanced", "deskew_poisson_cnn"]
+                                                     "deskew_poisson", "deskew_poisson_balanced",
+                                                     "deskew_poisson_ridge", "deskew_poisson_cnn"]
     assert all(a["seconds"] >= 0 for a in fs["ablation"]) and fs["ablation"][3]["seconds"] > 0
-    cnn = fs["methods"]["deskew_poisson_cnn"]
-    assert cnn["family"] == "self-training" and cnn["uses_unlabelled_codes"] and len(cnn["per_draw"]) == 2
+    for name in ("deskew_poisson_ridge", "deskew_poisson_cnn"):
+        learner = fs["methods"][name]
+        assert learner["family"] == "self-training" and learner["uses_unlabelled_codes"]
+        assert len(learner["per_draw"]) == 2 and learner["transductive"] is False
+    assert fs["self_training"]["labels"] in fs["methods"] and fs["self_training"]["labels"].startswith("deskew_")
     assert fs["ablation"][-1]["seconds"] > fs["ablation"][3]["seconds"]  # the graph it learns from, and its training
     # on balanced draws the label frequencies are uniform: both balancing targets are the same
     assert fs["methods"]["deskew_poisson_uniform"]["per_draw"] == fs["methods"]["deskew_poisson_balanced"]["per_draw"]
@@ -215,11 +233,20 @@ def test_no_classifier_sees_more_than_the_drawn_labels(first, tiny_run, tmp_path
     real_train = fewshot.train_classifier
     monkeypatch.setattr(fewshot, "train_classifier", lambda cfg, train, *args, **kw:
                         cnn_training_sets.append(len(train)) or real_train(cfg, train, *args, **kw))
+    ridge_training_sets = []  # ... and so does the self-trained ridge
+
+    class RecordingRidge(fewshot.Ridge):
+        def fit(self, x, y):
+            ridge_training_sets.append((len(x), y.shape[1]))
+            return super().fit(x, y)
+
+    monkeypatch.setattr(fewshot, "Ridge", RecordingRidge)
     fs2 = fewshot.stage(ctx)["fewshot"]
     assert revealed == [50, 50]
     assert graph_sizes == [3000, 3000]  # the codes' graph and the deskewed codes' graph
     assert cnn_training_sets == [3000, 3000]
-    assert {"deskew_poisson", "deskew_poisson_balanced", "deskew_poisson_cnn"} <= set(fs2["methods"])
+    assert ridge_training_sets == [(3000, 20)]  # one solve: both draws' ten classes
+    assert {"deskew_poisson", "deskew_poisson_balanced", "deskew_poisson_ridge", "deskew_poisson_cnn"} <= set(fs2["methods"])
     assert {n: m["per_draw"] for n, m in fs2["methods"].items()} == {n: m["per_draw"] for n, m in fs["methods"].items()}
 
 
@@ -233,7 +260,8 @@ def test_random_draw_runs_even_when_a_digit_is_missing(tiny_run, tmp_path, monke
     fs = run_stage(copy_run(tiny_run, tmp_path, "random"), config)
     assert fs["draw"] == "random"
     assert "deskew_poisson_cnn" not in fs["methods"]  # self-training is off unless asked for
-    for name in ("poisson", "poisson_balanced", "poisson_uniform", "poisson_volume", "deskew_poisson"):
+    for name in ("poisson", "poisson_balanced", "poisson_uniform", "poisson_volume", "deskew_poisson",
+                 "deskew_poisson_ridge"):
         # the test set's 7s (about 10%) cannot be right, everything else can
         assert 0.3 < fs["methods"][name]["test_accuracy"]["mean"] < 0.9
 
