@@ -53,6 +53,25 @@ def test_unwritable_out_path(tmp_path, capsys):
     assert "cannot create" in _error_line(capsys)
 
 
+@pytest.mark.parametrize("argv", [["sample", "--count", "2", "--out", "x.png", "--run"], ["evaluate", "--run"],
+                                  ["report", "--run"], ["run", "--quick", "--out"], ["run", "--quick", "--data-dir"],
+                                  ["sweep", "--quick", "--out", "sweep", "--reuse"]])
+def test_a_name_the_system_refuses_is_one_line(argv, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    long_name = str(tmp_path / ("a" * 300))  # over the file system's 255 characters a name
+    assert main(argv + [long_name]) == 2
+    line = _error_line(capsys)
+    assert line.startswith("latentlab: error: ") and ("File name too long" in line or "not a folder" in line), line
+    assert list(tmp_path.iterdir()) == []  # nothing made
+
+
+def test_a_file_given_as_run_folder_is_named_as_such(tmp_path, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    assert main(["evaluate", "--run", str(a_file)]) == 2
+    assert _error_line(capsys) == f"latentlab: error: {a_file}: is a file, not a run folder"
+
+
 def test_corrupt_checkpoint_is_one_line(tiny_run, tmp_path):
     import shutil
 

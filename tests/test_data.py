@@ -72,6 +72,12 @@ def test_label_out_of_range_and_missing_and_not_gzip(copy_of_mnist):
     (copy_of_mnist / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
     with pytest.raises(LatentlabError, match="t10k-labels.*decompress"):
         data.load(copy_of_mnist)
+    # a gzip header, then a damaged compressed stream (zlib's own error, not gzip's)
+    damaged = bytearray(gzip.compress(bytes(range(256)) * 40))
+    damaged[10:30] = bytes(range(200, 220))
+    (copy_of_mnist / "t10k-labels-idx1-ubyte.gz").write_bytes(bytes(damaged))
+    with pytest.raises(LatentlabError, match="t10k-labels.*decompress"):
+        data.load(copy_of_mnist)
     (copy_of_mnist / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(LatentlabError, match="t10k-labels.*missing"):
         data.load(copy_of_mnist)

@@ -206,6 +206,9 @@ def test_demo_refuses_an_address_it_cannot_listen_on(demo_run, capsys):
         assert f"--port {port}: cannot listen there" in _one_error_line(capsys)
     assert main(["demo", "--run", str(demo_run.root), "--host", "10.255.255.1"]) == 2  # not this machine's
     assert "--host 10.255.255.1" in _one_error_line(capsys)
+    for host in ("a..b", "a" * 70):  # names the resolver cannot encode (an empty label, a label over 63 characters)
+        assert main(["demo", "--run", str(demo_run.root), "--host", host]) == 2
+        assert f"--host {host}: not an address to listen on" in _one_error_line(capsys)
 
 
 def test_demo_without_gradio_says_what_to_install(demo_run, capsys, monkeypatch):

@@ -81,6 +81,23 @@ def test_bad_paths_are_one_line_errors(gan_run, tiny_run, tmp_path, capsys):
     assert "latentlab train-cgan" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("suffix", [".png", ".npz"])
+def test_a_failed_write_leaves_the_existing_file_as_it_was(gan_run, tmp_path, capsys, monkeypatch, suffix):
+    out = tmp_path / f"kept{suffix}"
+    assert sample(gan_run, "--count", 6, "--out", out) == 0
+    before = out.read_bytes()
+
+    def disk_full(file, *args, **kwargs):  # half a file, then the error a full disk gives
+        file.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("latentlab.pixels.write_grid_png", lambda images, f: disk_full(f))
+    monkeypatch.setattr(np, "savez", disk_full)
+    assert sample(gan_run, "--count", 9, "--seed", 1, "--out", out) == 2
+    assert "cannot write there (No space left on device)" in capsys.readouterr().err
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary file
+
+
 def test_the_installed_command_exits_2_without_a_traceback(gan_run, tmp_path):
     result = subprocess.run([sys.executable, "-m", "latentlab", "sample", "--run", str(gan_run.root),
                              "--count", "3", "--digit", "12", "--out", str(tmp_path / "x.png")],
@@ -102,6 +119,13 @@ def test_checkpoints_of_the_wrong_kind_are_one_line_errors(gan_run, tmp_path, ca
         ("gan.pt", {**good, "model_args": {**good["model_args"], "hidden": 7}}, [], "gan.pt: weights do not fit the model"),
         ("autoencoder.pt", {"kind": "autoencoder", "model_args": {}, "state_dict": {}}, [],
          "autoencoder.pt: weights do not fit the model"),
+        # arguments of a model of about 17 GB beside small weights: refused before anything is built
+        ("gan.pt", {**good, "model_args": {**good["model_args"], "hidden": 65_536}}, [],
+         "gan.pt: weights do not fit the model"),
+        ("gan.pt", {**good, "state_dict": {k: torch.empty_like(v, device="meta") for k, v in good["state_dict"].items()}},
+         [], "gan.pt: state_dict must map names to tensors"),
+        ("gan.pt", {**good, "state_dict": {k: v.to_sparse() if v.dim() == 2 else v for k, v in good["state_dict"].items()}},
+         [], "gan.pt: state_dict must map names to tensors"),
     ]
     for name, checkpoint, extra, message in cases:
         saved = (run / "checkpoints" / name).read_bytes()

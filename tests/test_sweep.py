@@ -219,6 +219,8 @@ def test_seed_lists():
     (["--seeds", "a-b"], "--seeds a-b: 'a-b' is not a seed"),
     (["--seeds", "-1"], "is not a seed"),
     (["--seeds", "1,1"], "a seed is given twice"),
+    (["--seeds", "0-99999999999"], "seed 99999999999 is above the largest, 2147483647"),  # before any list is made
+    (["--seeds", "0-2147483647"], "more than 10,000 seeds"),
     (["--workers", "0"], "--workers 0: must be at least 1"),
     (["--workers", "-2"], "--workers -2: must be at least 1"),
     (["--set", "gan.nope=1"], "--set gan.nope: unknown setting"),

@@ -349,8 +349,9 @@ def check_checkpoint(path, checkpoint: dict, kind: str) -> None:
                                              and 0 <= v <= 65_536 for k, v in args.items()):
         raise LatentlabError(f"{path}: model_args must map names to whole numbers 0-65536")
     weights = checkpoint["state_dict"]
-    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise LatentlabError(f"{path}: state_dict must map names to tensors")
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) and v.layout == torch.strided
+                                                and v.device.type != "meta" for v in weights.values()):
+        raise LatentlabError(f"{path}: state_dict must map names to tensors (dense, with their values)")
     for name, tensor in weights.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise LatentlabError(f"{path}: weight {name} holds NaN or infinite values")

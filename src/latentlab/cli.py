@@ -305,6 +305,10 @@ def main(argv=None) -> int:
     except LatentlabError as e:
         print(f"latentlab: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path the system refuses (a name too long, a folder where a file goes, a full disk)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"latentlab: error: {one_line(where + (e.strerror or str(e)))}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("latentlab: interrupted; finished stages are kept, run the same command again to resume",
               file=sys.stderr)

@@ -1,6 +1,7 @@
 """MNIST-format data: the shipped MNIST (checked against SHA-256 sums) or any folder of IDX files."""
 import gzip
 import hashlib
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -48,7 +49,7 @@ def _read_file(folder: Path, stem: str) -> tuple[bytes, Path]:
             try:
                 raw = path.read_bytes()
                 return (gzip.decompress(raw) if path.suffix == ".gz" else raw), path
-            except (OSError, EOFError, gzip.BadGzipFile) as e:
+            except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:  # zlib: a damaged compressed stream
                 raise LatentlabError(f"{path}: cannot be read or decompressed ({e})") from None
     raise LatentlabError(f"{folder / (stem + '.gz')}: file is missing (need the four MNIST-format IDX files)")
 

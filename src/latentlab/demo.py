@@ -429,6 +429,8 @@ def check_address(host: str, port: int) -> None:
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:
         raise LatentlabError(f"--host {host}: not an address to listen on ({e.strerror})") from None
+    except UnicodeError:  # a name the resolver cannot even encode: an empty or over-long label
+        raise LatentlabError(f"--host {host}: not an address to listen on (not a valid host name)") from None
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server itself will
         try:

@@ -22,7 +22,7 @@ from latentlab.config import GANConfig
 from latentlab.errors import LatentlabError
 from latentlab.models import (Autoencoder, CodeStats, Discriminator, Generator, adam, capture_step, decode,
                               device_of, ema_decay)
-from latentlab.runfolder import Run
+from latentlab.runfolder import Run, atomic_write
 
 NUM_CLASSES = 10
 MAX_SAMPLES = 100_000
@@ -305,13 +305,13 @@ def write_samples(run_dir, count: int, out, *, digit: int | None = None, seed: i
     else:
         gan = load_gan(run, conditional=digit is not None)
         images = sample_images(gan, load_decoder(run), count, digit=digit, seed=seed)
-    try:
+    try:  # through a temporary file: a failed write (a full disk, a kill) leaves an existing file as it was
         if out.suffix.lower() == ".png":
-            pixels.write_grid_png(images, out)
+            atomic_write(out, lambda f: pixels.write_grid_png(images, f))
         else:
             labels = np.full(count, -1 if digit is None else digit, dtype=np.int64)
-            with open(out, "wb") as f:  # a file object, so numpy does not append another .npz
-                np.savez(f, images=images, labels=labels)
+            # a file object, so numpy does not append another .npz
+            atomic_write(out, lambda f: np.savez(f, images=images, labels=labels))
     except OSError as e:
         raise LatentlabError(f"--out {out}: cannot write there ({e.strerror or e})") from None
     return out

@@ -99,9 +99,9 @@ class Run:
     def __init__(self, root, *, create: bool = False):
         self.root = Path(root)
         if create:
-            if self.root.exists() and not self.root.is_dir():
-                raise LatentlabError(f"{self.root}: exists and is not a folder")
             try:
+                if self.root.exists() and not self.root.is_dir():
+                    raise LatentlabError(f"{self.root}: exists and is not a folder")
                 for sub in ("figures", "checkpoints"):
                     (self.root / sub).mkdir(parents=True, exist_ok=True)
             except OSError as e:
@@ -109,6 +109,8 @@ class Run:
             if not os.access(self.root, os.W_OK):
                 raise LatentlabError(f"{self.root}: folder is not writable")
         elif not self.root.is_dir():
+            if os.path.isfile(self.root):
+                raise LatentlabError(f"{self.root}: is a file, not a run folder")
             raise LatentlabError(f"{self.root}: no such run folder (make one with `latentlab run --out {self.root}`)")
 
     @property
@@ -161,6 +163,8 @@ class Run:
         ckpt = self.load_checkpoint(name, needed_by=f"train it with `latentlab {command} --run {self.root}`")
         check_checkpoint(self.checkpoints / f"{name}.pt", ckpt, kind or name)
         try:
+            with torch.device("meta"):  # names and shapes first, in no memory: huge arguments with small weights
+                model_class(**ckpt["model_args"]).load_state_dict(ckpt["state_dict"], assign=True)  # no copy made
             model = model_class(**ckpt["model_args"])
             model.load_state_dict(ckpt["state_dict"])
         except (RuntimeError, TypeError) as e:

@@ -71,8 +71,13 @@ class Trial:
 
 # ---------------------------------------------------------------- input
 
+MAX_SWEEP_SEEDS = 10_000  # per grid point; each is a whole run
+
+
 def parse_seeds(text: str) -> list[int]:
     """"0-4" -> [0, 1, 2, 3, 4]; "0,3,7" -> [0, 3, 7]; the two mix ("0-2,9")."""
+    from latentlab.checks import MAX_SEED
+
     seeds = []
     for item in text.split(","):
         item = item.strip()
@@ -84,6 +89,10 @@ def parse_seeds(text: str) -> list[int]:
         first, last = int(match.group(1)), int(match.group(2) or match.group(1))
         if last < first:
             raise LatentlabError(f"--seeds {text}: range {item} runs backwards")
+        if last > MAX_SEED:  # checked before the list is made: a range can be long enough to fill the memory
+            raise LatentlabError(f"--seeds {text}: seed {last} is above the largest, {MAX_SEED}")
+        if len(seeds) + last - first + 1 > MAX_SWEEP_SEEDS:
+            raise LatentlabError(f"--seeds {text}: more than {MAX_SWEEP_SEEDS:,} seeds")
         seeds += range(first, last + 1)
     if not seeds:
         raise LatentlabError(f"--seeds {text!r}: the seed list is empty")
