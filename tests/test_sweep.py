@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -233,6 +234,17 @@ def test_bad_sweep_input_is_one_line_and_exit_2_before_any_work(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith("latentlab: error: ") and message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_an_address_where_nothing_answers_is_one_line_and_exit_2(tmp_path, capsys):
+    with socket.socket() as probe:  # a port nothing listens on: bound, never listened, closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    start = time.perf_counter()
+    assert main(["sweep", "--out", str(tmp_path / "sweep"), "--seeds", "0", "--address", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"latentlab: error: --address 127.0.0.1:{port}: nothing answers there") and err.count("\n") == 1
+    assert time.perf_counter() - start < 30 and not (tmp_path / "sweep").exists()
 
 
 def test_address_without_ray_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):

@@ -23,6 +23,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -374,6 +375,13 @@ def ray_cluster(address: str):
         import ray
     except ImportError:
         raise LatentlabError("--address needs Ray: pip install 'latentlab[cluster]'") from None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if host and port.isdigit():  # Ray itself retries a silent address for minutes, logging as it goes
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+        except (OSError, OverflowError) as e:
+            raise LatentlabError(f"--address {address}: nothing answers there ({getattr(e, 'strerror', None) or e}); "
+                                 "start the cluster with `ray start --head` or give its address") from None
     try:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     except Exception as e:  # Ray raises ConnectionError, ValueError, RuntimeError... for a bad address
