@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from latentlab.cli import main
+from latentlab.cli import build_parser, main
 
 
 def _error_line(capsys):
@@ -63,6 +63,14 @@ def test_a_name_the_system_refuses_is_one_line(argv, tmp_path, capsys, monkeypat
     line = _error_line(capsys)
     assert line.startswith("latentlab: error: ") and ("File name too long" in line or "not a folder" in line), line
     assert list(tmp_path.iterdir()) == []  # nothing made
+
+
+def test_a_quick_run_has_its_own_default_folder():
+    from latentlab.cli import default_out, resolve_config
+
+    full = resolve_config(build_parser().parse_args(["run"]))
+    quick = resolve_config(build_parser().parse_args(["run", "--quick", "--seed", "3"]))
+    assert default_out(full) == "runs/mnist-seed0" and default_out(quick) == "runs/mnist-seed3-quick"
 
 
 def test_a_file_given_as_run_folder_is_named_as_such(tmp_path, capsys):

@@ -55,7 +55,7 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("run", help="run every stage into a run folder (skips stages already done)",
                        epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", help="run folder (default runs/<data>-seed<seed>)")
+    p.add_argument("--out", help="run folder (default runs/<data>-seed<seed>, with -quick after it for --quick)")
     p.add_argument("--quick", action="store_true",
                    help="a smaller pipeline for a first look: smaller slices, fewer epochs and steps (measured at "
                         "commit c9bbd8e on 2 CPU cores: 30-32 s wall, about 0.9 GB peak memory)")
@@ -186,11 +186,18 @@ def prepare_device(config) -> None:
         os.environ.setdefault("SCIPY_ARRAY_API", "1")
 
 
+def default_out(config) -> str:
+    """runs/<data>-seed<seed>, and -quick after it for --quick: a quick run in the full run's folder would replace
+    every stage of it with its quick settings."""
+    data = "mnist" if config.data_dir is None else Path(config.data_dir).name
+    return f"runs/{data}-seed{config.seed}" + ("-quick" if config.quick else "")
+
+
 def cmd_run(args) -> None:
     from latentlab.checks import check_config, check_run_files
 
     config = resolve_config(args)
-    out = args.out or f"runs/{'mnist' if config.data_dir is None else Path(config.data_dir).name}-seed{config.seed}"
+    out = args.out or default_out(config)
     if Path(out).is_dir():  # a run folder to resume: its files are checked before anything is written
         check_run_files(out)
     check_config(config, out if Path(out).is_dir() else None)
