@@ -183,6 +183,16 @@ def test_report_section_damaged_inside(finished, capsys):
     assert code == 2 and "metrics.json: the autoencoder section is damaged" in one_line(err)
 
 
+def test_report_refuses_metrics_without_results_and_keeps_the_report(finished, capsys):
+    run_cli(["report", "--run", finished], capsys)
+    report = (finished / "report.html").read_bytes()
+    for emptied in ({}, {"timings_s": {}}):
+        (finished / "metrics.json").write_text(json.dumps(emptied))
+        code, err = run_cli(["report", "--run", finished], capsys)
+        assert code == 2 and "metrics.json: holds no results; run the stages first" in one_line(err)
+        assert (finished / "report.html").read_bytes() == report
+
+
 def test_checkpoint_of_the_wrong_kind_is_an_error(finished, tmp_path, capsys):
     shutil.copy(finished / "checkpoints" / "gan.pt", finished / "checkpoints" / "cgan.pt")
     code, err = run_cli(["sample", "--run", finished, "--count", 4, "--out", tmp_path / "x.png", "--digit", 3], capsys)

@@ -266,7 +266,10 @@ def cmd_report(args) -> None:
 
     run = Run(args.run)
     config_from_json(run.root / "config.json")  # both checked before the lock file or a report is written
-    read_metrics(run.root / "metrics.json")
+    if not {name for name in read_metrics(run.root / "metrics.json") if name != "timings_s"}:
+        # an emptied metrics.json would replace a report of results with one of none
+        raise LatentlabError(f"{run.root / 'metrics.json'}: holds no results; run the stages first (latentlab run "
+                             f"--out {run.root})")
     with locked(run):
         md, html = write_report(run.root)
     print(f"latentlab: wrote {md} and {html}")
