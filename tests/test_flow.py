@@ -158,6 +158,12 @@ def test_checkpoint_round_trip(tmp_path, mixture_field):
     run.save_checkpoint("flow", older)
     with pytest.raises(LatentlabError, match="sampling.guidance_rescale"):
         flow.load_flow(run)
+    # arguments no run's settings can make are refused before any model is built (65,536 layers took a minute)
+    huge = flow.checkpoint(model, TINY, CodeStats(mean, std))
+    huge["model_args"]["layers"] = 65_536
+    run.save_checkpoint("flow", huge)
+    with pytest.raises(LatentlabError, match="model_args layers=65536 is outside what flow.layers allows"):
+        flow.load_flow(run)
     # a flow checkpoint without its sampling settings, or with broken statistics, is refused in one line
     ckpt = flow.checkpoint(model, TINY, CodeStats(mean, std))
     del ckpt["sampling"]

@@ -119,8 +119,11 @@ def test_checkpoints_of_the_wrong_kind_are_one_line_errors(gan_run, tmp_path, ca
         ("gan.pt", {**good, "model_args": {**good["model_args"], "hidden": 7}}, [], "gan.pt: weights do not fit the model"),
         ("autoencoder.pt", {"kind": "autoencoder", "model_args": {}, "state_dict": {}}, [],
          "autoencoder.pt: weights do not fit the model"),
-        # arguments of a model of about 17 GB beside small weights: refused before anything is built
+        # arguments of a model of about 17 GB beside small weights: more than a run's settings can make
         ("gan.pt", {**good, "model_args": {**good["model_args"], "hidden": 65_536}}, [],
+         "gan.pt: model_args hidden=65536 is outside what gan.hidden allows (1-8192)"),
+        # ... and of 270 MB, which a run can make: the weights' shapes are checked on the meta device, in no memory
+        ("gan.pt", {**good, "model_args": {**good["model_args"], "hidden": 8192}}, [],
          "gan.pt: weights do not fit the model"),
         ("gan.pt", {**good, "state_dict": {k: torch.empty_like(v, device="meta") for k, v in good["state_dict"].items()}},
          [], "gan.pt: state_dict must map names to tensors"),
