@@ -348,8 +348,9 @@ def check_checkpoint(path, checkpoint: dict, kind: str) -> None:
     if not isinstance(args, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
                                              and 0 <= v <= 65_536 for k, v in args.items()):
         raise LatentlabError(f"{path}: model_args must map names to whole numbers 0-65536")
-    for key, value in args.items():  # no larger than a run's settings can make (a model of 65,536 layers takes a
-        rule = FIELDS.get(kind, {}).get(key)  # minute to build even on the meta device)
+    # no larger than a run's settings can make: a model of 65,536 layers takes a minute to build, even on the meta device
+    for key, value in args.items():
+        rule = FIELDS.get(kind, {}).get(key)
         if rule and rule[0] == "int" and not rule[1] <= value <= rule[2]:
             raise LatentlabError(f"{path}: model_args {key}={value} is outside what {kind}.{key} allows "
                                  f"({rule[1]}-{rule[2]})")
