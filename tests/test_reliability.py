@@ -341,6 +341,18 @@ def test_stage_missing_its_input_writes_nothing(tiny_run, tmp_path, capsys, must
     assert files_of(root) == before
 
 
+
+def test_a_folder_where_a_checkpoint_belongs_is_named_so(tiny_run, tmp_path, capsys):
+    root = shutil.copytree(tiny_run.root, tmp_path / "run")
+    (root / "checkpoints" / "classifier.pt").unlink(missing_ok=True)
+    (root / "checkpoints" / "classifier.pt").mkdir()
+    code, err = run_cli(["interpolate", "--run", root, "--set", "interpolation.pairs=3"], capsys)
+    assert code == 2 and "classifier.pt: checkpoint is not a file; move it away and train it with" in one_line(err)
+    (root / "checkpoints" / "gan.pt").mkdir()
+    code, err = run_cli(["sample", "--run", root, "--count", 2, "--out", tmp_path / "x.png"], capsys)
+    assert code == 2 and "gan.pt: checkpoint is not a file" in one_line(err) and not (tmp_path / "x.png").exists()
+
+
 def test_sample_while_a_run_is_writing_says_so(tiny_run, tmp_path, capsys):
     root = shutil.copytree(tiny_run.root, tmp_path / "run")
     with open(root / ".lock", "a+") as lock:  # as another process's `latentlab run` holds it

@@ -24,7 +24,8 @@ TINY = [f"--set={s}" for s in (
     "autoencoder.train_limit=2000", "autoencoder.epochs=1", "autoencoder.width=8", "autoencoder.latent_dim=16",
     "classifier.train_limit=3000", "classifier.epochs=2", "classifier.width=8",
     "fewshot.draws=2", "fewshot.epochs=5", "fewshot.train_limit=2000", "fewshot.end_to_end_draws=1",
-    "fewshot.curve_images=100", "gan.steps=50", "cgan.steps=50", "interpolation.pairs=4",
+    "fewshot.curve_images=100", "gan.steps=50", "cgan.steps=50", "flow.steps=100", "flow.hidden=64",
+    "evaluation.flow_sweep_samples=100", "interpolation.pairs=4",
     "evaluation.samples=200", "evaluation.gmm_components=5", "evaluation.gmm_components_per_digit=2",
     "evaluation.gmm_fit_limit=2000")]
 GOOD, BAD = "seed0__gan.lr=0.001", "seed0__gan.lr=1"

@@ -424,7 +424,8 @@ def check_needs(root, stage: str) -> None:
     for name in (r for r in reads if r in MADE_BY):
         path = Path(root) / "checkpoints" / f"{name}.pt"
         if not path.is_file():
-            raise LatentlabError(f"{path}: checkpoint is missing; train it with `latentlab {MADE_BY[name]} --run {root}`")
+            what = "is not a file; move it away and" if path.exists() else "is missing;"
+            raise LatentlabError(f"{path}: checkpoint {what} train it with `latentlab {MADE_BY[name]} --run {root}`")
         check_checkpoint(path, load_checkpoint_file(path), name)
 
 

@@ -182,7 +182,7 @@ class Run:
                 raise LatentlabError(f"{path}: not written yet: a latentlab command ({owner}) is writing this run "
                                      "folder now; wait for it to finish")
             hint = f"; {needed_by}" if needed_by else ""
-            raise LatentlabError(f"{path}: checkpoint is missing{hint}")
+            raise LatentlabError(f"{path}: checkpoint {'is not a file' if path.exists() else 'is missing'}{hint}")
         return load_checkpoint_file(path)
 
 
