@@ -632,6 +632,26 @@ BASELINES = ("logistic_regression", "nearest_labelled")
 SELF_TRAINING = ("deskew_poisson_ridge", "deskew_poisson_cnn")
 
 
+def deskewed_methods(ctx: Context, cfg: FewshotConfig, train_images: torch.Tensor, draws, labelled, scores: Scores,
+                     timings: dict) -> dict:
+    """The graph methods again on the codes of deskewed images, then self-training on that graph's labels: the
+    ridge, and the CNN where cfg.self_train_epochs asks for it. Returns the `self_training` section."""
+    t = time.perf_counter()
+    straight, features = deskewed_codes(ctx, train_images)
+    timings["deskew_codes"] = time.perf_counter() - t
+    graph_labels, voters = graph_methods(ctx, cfg, straight, draws, labelled, scores, timings, prefix="deskew_")
+    t = time.perf_counter()
+    width, features = features["train"].shape[1], standardised(features)
+    decision = self_trained_ridge(features, graph_labels, voters, scores)
+    timings["deskew_poisson_ridge"] = time.perf_counter() - t
+    del features  # 300 MB, before the CNN's training
+    if cfg.self_train_epochs:
+        self_trained_cnn(ctx, cfg, train_images, graph_labels, scores, timings)
+    return {"labels": "deskew_" + decision, "ridge_penalty_per_image": RIDGE_PENALTY,
+            "ridge_features": f"the encoder's conv activations of the deskewed images, average-pooled to 4 x 4 and "
+                              f"3 x 3 cells ({width} values), standardised"}
+
+
 def method_table(scores: Scores, curve_images: int) -> dict:
     methods = {}
     for name, accs in scores.test.items():
@@ -683,22 +703,7 @@ def stage(ctx: Context) -> dict:
     timings["baselines"] = time.perf_counter() - t
     curves = reference_mlps(ctx, cfg, codes, train_images, draws, labelled, curve_rows, scores, timings)
     graph_methods(ctx, cfg, codes, draws, labelled, scores, timings)
-    self_training = None
-    if cfg.deskew:
-        t = time.perf_counter()
-        straight, features = deskewed_codes(ctx, train_images)
-        timings["deskew_codes"] = time.perf_counter() - t
-        graph_labels, voters = graph_methods(ctx, cfg, straight, draws, labelled, scores, timings, prefix="deskew_")
-        t = time.perf_counter()
-        width, features = features["train"].shape[1], standardised(features)
-        decision = self_trained_ridge(features, graph_labels, voters, scores)
-        timings["deskew_poisson_ridge"] = time.perf_counter() - t
-        del features
-        self_training = {"labels": "deskew_" + decision, "ridge_penalty_per_image": RIDGE_PENALTY,
-                         "ridge_features": f"the encoder's conv activations of the deskewed images, average-pooled "
-                                           f"to 4 x 4 and 3 x 3 cells ({width} values), standardised"}
-        if cfg.self_train_epochs:
-            self_trained_cnn(ctx, cfg, train_images, graph_labels, scores, timings)
+    self_training = deskewed_methods(ctx, cfg, train_images, draws, labelled, scores, timings) if cfg.deskew else None
 
     # Metrics and figures; the headline is picked on validation, not on the test set it is reported on.
     methods = method_table(scores, len(curve_rows))
