@@ -142,21 +142,6 @@ def test_gpu_schedule_starts_the_long_stages_first_and_orders_every_stage():
     assert (cpu.main_order, cpu.beside_order) == (pipeline.MAIN_ORDER, pipeline.BESIDE_ORDER)
 
 
-def test_preload_imports_the_later_stages_modules_and_passes_over_one_that_fails():
-    """In a fresh interpreter (this one has imported everything): the thread imports the stages' modules and the
-    libraries they import late; a module that cannot be imported is left to its stage, with no error here."""
-    script = ("import sys; from latentlab import pipeline; "
-              "pipeline.LATE_IMPORTS = ('torch._dynamo', 'no_such_module_here', 'graphlearning'); "
-              "assert 'latentlab.fewshot' not in sys.modules and 'torch._dynamo' not in sys.modules; "
-              "pipeline.preload(['autoencoder', 'fewshot', 'evaluation']).join(); "
-              "print(sorted(m for m in ('torch._dynamo', 'graphlearning', 'latentlab.fewshot', 'latentlab.evaluate', "
-              "'latentlab.flow', 'no_such_module_here') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stderr == "", done.stderr
-    assert done.stdout.split() == ["['graphlearning',", "'latentlab.evaluate',", "'latentlab.fewshot',",
-                                   "'torch._dynamo']"]
-
-
 def test_missing_output_makes_a_stage_undone(tmp_path, three_stages):
     run = Run(tmp_path / "r", create=True)
     Pipeline(run, tiny_config()).run_all(workers=1)

@@ -361,29 +361,6 @@ def _child(run_root: str, config_values: dict, device: str, connection) -> None:
         connection.close()
 
 
-# what stages import on first use besides their own module: the first optimizer imports torch._dynamo (~1.4 s)
-LATE_IMPORTS = ("torch._dynamo", "graphlearning", "sklearn.mixture")
-
-
-def preload(stages: list[str]) -> threading.Thread:
-    """Import the modules of `stages` (and LATE_IMPORTS) in a thread, while the autoencoder trains: its two
-    threads leave part of the second core idle, where the imports (about 4 s on 2 cores) then cost no wall time
-    on the stages that follow it in this process. A module that fails to import fails again in its stage, which
-    reports it."""
-    modules = list(LATE_IMPORTS[:1]) + [stage_named(n).function.split(":")[0] for n in stages
-                                        if isinstance(stage_named(n).function, str)] + list(LATE_IMPORTS[1:])
-
-    def load():
-        for module in modules:
-            try:
-                importlib.import_module(module)
-            except Exception:  # noqa: BLE001 - reported by the stage that imports it
-                pass
-    thread = threading.Thread(target=load, name="latentlab-preload", daemon=True)
-    thread.start()
-    return thread
-
-
 class Schedule:
     """Stages two at a time: one in this process, one in a spawned child beside it, each taking the next ready
     stage by its order when it is free. Both run one thread then; a stage alone in this process runs two."""
@@ -434,8 +411,6 @@ class Schedule:
         return self.watcher is not None and self.watcher.is_alive()
 
     def run(self) -> None:
-        if "autoencoder" in self.todo and len(self.todo) > 1 and not self.on_gpu:
-            preload(self.todo)
         if self.beside and self.on_gpu and len(self.todo) > 1:
             # beside a GPU the cores are idle: the child's start (imports, CUDA, the data) overlaps the autoencoder;
             # on 2 CPU cores it would take one of the autoencoder's two threads
