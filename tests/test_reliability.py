@@ -341,7 +341,6 @@ def test_stage_missing_its_input_writes_nothing(tiny_run, tmp_path, capsys, must
     assert files_of(root) == before
 
 
-
 def test_a_folder_where_a_checkpoint_belongs_is_named_so(tiny_run, tmp_path, capsys):
     root = shutil.copytree(tiny_run.root, tmp_path / "run")
     (root / "checkpoints" / "classifier.pt").unlink(missing_ok=True)

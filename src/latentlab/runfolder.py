@@ -181,8 +181,9 @@ class Run:
             if owner:
                 raise LatentlabError(f"{path}: not written yet: a latentlab command ({owner}) is writing this run "
                                      "folder now; wait for it to finish")
+            what = "is not a file; move it away" if path.exists() else "is missing"
             hint = f"; {needed_by}" if needed_by else ""
-            raise LatentlabError(f"{path}: checkpoint {'is not a file' if path.exists() else 'is missing'}{hint}")
+            raise LatentlabError(f"{path}: checkpoint {what}{hint}")
         return load_checkpoint_file(path)
 
 
