@@ -443,7 +443,7 @@ def deskew(images: torch.Tensor) -> torch.Tensor:
 def vote_shares(train_predictions: np.ndarray, neighbours: torch.Tensor) -> torch.Tensor:
     """(Q, 10): the share of each label among each new code's nearest training codes."""
     votes = torch.from_numpy(train_predictions).to(neighbours.device)[neighbours]        # (Q, k)
-    return F.one_hot(votes, 10).sum(1) / neighbours.shape[1]
+    return F.one_hot(votes, DIGITS).sum(1) / neighbours.shape[1]
 
 
 def vote(train_predictions: np.ndarray, neighbours: torch.Tensor) -> np.ndarray:
