@@ -39,7 +39,7 @@ def main():
     digits = np.arange(10_000) % 10
     for seed in (int(s) for s in args.seeds.split(",")):
         start = time.perf_counter()
-        model, _ = flow.train_flow(cfg, codes, labels, seed=seed, device=ctx.device)
+        model, history = flow.train_flow(cfg, codes, labels, seed=seed, device=ctx.device)
         torch.cuda.synchronize() if ctx.device.type == "cuda" else None
         seconds = time.perf_counter() - start
         trained = flow.LatentFlow(model, stats, cfg.guidance, cfg.solver, cfg.ode_steps, cfg.guidance_rescale)
@@ -47,12 +47,20 @@ def main():
         chosen = conditional_quality(classifier, real, flow.sample_images(trained, decoder, 10_000, digit=digits,
                                                                            seed=1), digits)
         free = unconditional_quality(classifier, real, flow.sample_images(trained, decoder, 10_000, seed=1))
+        extra = {}
+        if model.digit_head is not None:  # the same net's "no digit" field, for comparison
+            head, model.digit_head = model.digit_head, None
+            field = unconditional_quality(classifier, real, flow.sample_images(trained, decoder, 10_000, seed=1))
+            model.digit_head = head
+            extra = {"field_frechet_distance": round(field["frechet_distance"], 2), "field_recall": round(field["recall"], 3),
+                     "final_digit_loss": history["digit_loss"][-1]}
         print(json.dumps({"seed": seed, **{k: v for k, v in (x.split("=", 1) for x in args.set)},
                           "train_seconds": round(seconds, 1),
                           "frechet_distance": round(chosen["frechet_distance"], 2), "recall": round(chosen["recall"], 3),
                           "accuracy": chosen["accuracy"], "min_digit_accuracy": chosen["min_digit_accuracy"],
                           "no_digit_frechet_distance": round(free["frechet_distance"], 2),
-                          "no_digit_recall": round(free["recall"], 3)}), flush=True)
+                          "no_digit_recall": round(free["recall"], 3),
+                          "no_digit_shares": [round(h, 3) for h in free["class_histogram"]], **extra}), flush=True)
 
 
 if __name__ == "__main__":

@@ -175,13 +175,16 @@ def test_the_model_choice_in_the_browser_draws_with_the_flow(server, page, demo_
     with np.load(io.BytesIO(page.request.get(download.get_attribute("href")).body())) as f:
         assert (f["images"] == digits).all() and (f["labels"] == 2).all()
 
-    # Interpolate with the flow: its endpoints are the flow's digits, read back by the classifier
+    # Interpolate with the flow: the page shows the flow's walk between a 3 and an 8, each step as the classifier
+    # reads it. This small flow draws a single digit read as asked only 83-100% of the time (2,000 samples), so the
+    # captions are checked against the same walk made here, not against the digits asked for
     page.get_by_role("tab", name="Interpolate").click()
     page.locator("#walk-model").get_by_label("flow").check()
     page.get_by_role("button", name="Interpolate").click()
     page.get_by_text("the latent flow: a 3 and a 8").wait_for(timeout=60_000)
     texts = page.locator("#walk figcaption").all_inner_texts()
-    assert len(texts) == 10 and texts[0].startswith("3 ") and texts[-1].startswith("8 "), texts
+    walk = demo.interpolate_row(demo.load_models(demo_run.root), "two digits", "3", "8", 10, "linear", 0, "flow")
+    assert texts == [f"{digit} ({confidence:.0%})" for digit, confidence in walk["readings"]], texts
     assert_all_local(page)
 
 

@@ -56,9 +56,40 @@ def test_it_learns_the_modes_of_a_2d_mixture(mixture_field):
     assert distance.median() < 0.5
     shares = torch.bincount(which, minlength=4).float() / 400
     assert shares.min() >= 0.12, shares
-    # guidance 0 ignores the digit: the same as no digit at all
-    assert torch.allclose(flow.integrate(model, noise, torch.zeros(400, dtype=torch.long), guidance=0.0),
-                          flow.integrate(model, noise, None))
+    # guidance 0 ignores the digit: the "no digit" field all the way, as sampling with no digit does without the head
+    ignored = flow.integrate(model, noise, torch.zeros(400, dtype=torch.long), guidance=0.0)
+    head, model.digit_head = model.digit_head, None
+    try:
+        assert torch.equal(ignored, flow.integrate(model, noise, None))
+    finally:
+        model.digit_head = head
+
+
+def test_no_digit_samples_follow_the_digits_fields_weighted_by_the_heads_guess(mixture_field):
+    """From MIXTURE_FROM on, a sample with no digit moves along sum_d p(d | x_t) v(x_t, d), p from the digit head,
+    digits under MIXTURE_FLOOR left out; the head has learnt which mode a point is heading for."""
+    model, history = mixture_field
+    assert history["digit_loss"][-1] < history["digit_loss"][0]
+    gen = torch.Generator().manual_seed(6)
+    points, labels = mixture(400, seed=6)
+    with torch.no_grad():
+        for t in (0.1, 0.5, 0.9):
+            xt = (1 - t) * torch.randn(400, 2, generator=gen) + t * points
+            times = torch.full((400,), t)
+            weights = model(xt, times, torch.full((400,), flow.NO_DIGIT), with_logits=True)[1].softmax(1)
+            if t == 0.9:  # near the data, the head names the mode of nearly every point
+                assert (weights.argmax(1) == labels).float().mean() >= 0.95
+            assert weights[:, 4:].max() < flow.MIXTURE_FLOOR   # digits never seen get no weight
+            kept = torch.where(weights >= flow.MIXTURE_FLOOR, weights, 0)
+            kept = kept / kept.sum(1, keepdim=True)
+            expected = sum(kept[:, d, None] * model(xt, times, torch.full((400,), d)) for d in range(10))
+            assert torch.allclose(flow.digit_mixture_velocity(model, xt, times), expected, atol=1e-5)
+            field = model(xt, times, torch.full((400,), flow.NO_DIGIT))
+            got = flow.velocity(model, xt, t, None, 1.0)
+            if t >= flow.MIXTURE_FROM:
+                assert torch.allclose(got, expected, atol=1e-5)
+            else:  # early on, the "no digit" field: every digit is about as likely there
+                assert torch.equal(got, field)
 
 
 def test_no_digit_trained_on_the_fields_own_digit_velocity_learns_the_mixture_too():
@@ -108,7 +139,7 @@ def test_heun_never_asks_the_field_at_the_end_of_the_path(steps):
     times = []
 
     class Field(torch.nn.Module):  # a linear field that records the times it is asked at
-        latent_dim = 2
+        latent_dim, digit_head = 2, None
 
         def forward(self, x, t, digit):
             times.extend(t.unique().tolist())
@@ -146,6 +177,18 @@ def test_checkpoint_round_trip(tmp_path, mixture_field):
     noise, digits = torch.randn(20, 2, generator=torch.Generator().manual_seed(5)), torch.arange(20) % 4
     expected = flow.integrate(model, noise, digits, steps=TINY.ode_steps) * std + mean
     assert torch.allclose(flow.generate_codes(loaded, noise, digits), expected, atol=1e-6)
+    # the digit head travels with it (samples with no digit the same); a checkpoint from before the head has no head
+    # and samples with no digit from its "no digit" field
+    assert loaded.model.digit_head is not None
+    assert torch.allclose(flow.generate_codes(loaded, noise), flow.integrate(model, noise) * std + mean, atol=1e-6)
+    older = flow.checkpoint(model, TINY, CodeStats(mean, std))
+    del older["model_args"]["digit_head"], older["state_dict"]["digit_head.weight"], older["state_dict"]["digit_head.bias"]
+    run.save_checkpoint("flow", older)
+    assert flow.load_flow(run).model.digit_head is None
+    older["model_args"]["digit_head"] = 2
+    run.save_checkpoint("flow", older)
+    with pytest.raises(LatentlabError, match="digit_head=2 must be 0 or 1"):
+        flow.load_flow(run)
     # the guidance rescale travels with the checkpoint; one saved before the setting samples with plain guidance
     rescaled = dataclasses.replace(TINY, guidance=2.0, guidance_rescale=0.7)
     run.save_checkpoint("flow", flow.checkpoint(model, rescaled, CodeStats(mean, std)))

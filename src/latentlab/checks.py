@@ -67,6 +67,7 @@ FIELDS = {
              "guidance": number(0, 20), "guidance_rescale": number(0, 1),
              "solver": choice("euler", "midpoint", "heun"),
              "time_sampling": choice("uniform", "logit_normal"), "no_digit_target": choice("path", "own_digit"),
+             "no_digit_sampling": choice("field", "digit_mixture"), "digit_loss_weight": number(0, 100),
              "ode_steps": whole(1, 1000),
              "log_every": whole(1, 10_000_000)},
     "interpolation": {"pairs": whole(2, 5000), "steps": whole(3, 1000)},
@@ -367,6 +368,8 @@ def check_checkpoint(path, checkpoint: dict, kind: str) -> None:
         retrain = f"retrain it with `latentlab train-flow --run {Path(path).parent.parent} --force`"
         if not isinstance(args.get("embed_dim"), int) or args["embed_dim"] < 2 or args["embed_dim"] % 2:
             raise LatentlabError(f"{path}: embed_dim={args.get('embed_dim')} must be even; {retrain}")
+        if args.get("digit_head", 0) not in (0, 1):  # absent: from before the head
+            raise LatentlabError(f"{path}: digit_head={args['digit_head']} must be 0 or 1; {retrain}")
         sampling = checkpoint.get("sampling")
         if not isinstance(sampling, dict) or not {"guidance", "solver", "ode_steps"} <= set(sampling):
             raise LatentlabError(f"{path}: sampling settings missing or unreadable; {retrain}")
