@@ -8,7 +8,8 @@ v onto the path's velocity x1 - x0. The digit is replaced by a "no digit" class 
 digit's own speed (Lin et al. 2024), so that guidance turns the path rather than speeding along it.
 Sampling integrates dx/dt = v from noise at t=0 to a code at t=1 with a fixed-step solver (Heun's last step is
 Euler's, as in EDM's sampler); the map from noise to code is deterministic, so noise-space interpolation means
-something here too.
+something here too. Asked for no digit, samples follow the digits' own fields weighted by a head of the network that
+guesses the digit at x_t (digit_mixture_velocity): the marginal field, without the blur the "no digit" field learns.
 
 This module also holds what `latentlab sample --model flow` needs and imports no matplotlib at module
 level, so a cold `sample` stays fast. Every setting tried and its score is in docs/flow_sweep.md.
@@ -198,7 +199,8 @@ def train_flow(cfg: FlowConfig, codes: torch.Tensor, labels: torch.Tensor, *, se
 
 def velocity(model: VelocityField, x: torch.Tensor, t: float, digit: torch.Tensor | None, guidance: float,
              rescale: float = 0.0):
-    """The guided velocity at time t; digit None (or guidance 0) is the unconditional field.
+    """The guided velocity at time t. Guidance 0 is the "no digit" field; digit None is any digit: the digits' fields
+    blended by the digit head's guess (digit_mixture_velocity) where the network has one, else the "no digit" field.
 
     `rescale` in [0, 1] moves the guided velocity towards the length of the digit's own (per sample): plain guidance
     also lengthens it, which overshoots and crowds the samples together (docs/flow_sweep.md)."""
@@ -220,9 +222,9 @@ def velocity(model: VelocityField, x: torch.Tensor, t: float, digit: torch.Tenso
 
 
 # Samples with no digit asked for: before t = 0.3 every digit is still about equally likely, and the "no digit"
-# field is as good as the mixture there (at a tenth of its cost); from 0.3 on the mixture. Digits weighing under 1%
-# are left out: on the default run's flow, Frechet distance 14.8 against 15.4 for all ten from t = 0, sampling 10k
-# in 5.8 s instead of 31 s (2.4 s with the "no digit" field alone, which scores 31.0; docs/flow_sweep.md).
+# field does as well as the blend there at a tenth of its cost; from 0.3 on the blend. Digits weighing under 1% are
+# left out: measured with a separate guess on the default run's flow, Frechet distance 14.8 against 15.4 for all
+# ten from t = 0, 10k samples in 5.8 s instead of 31 s (the "no digit" field alone: 31.0, 2.4 s; docs/flow_sweep.md).
 MIXTURE_FROM = 0.3
 MIXTURE_FLOOR = 0.01
 
