@@ -249,6 +249,11 @@ def test_stage_and_evaluation_sections(gan_run, tmp_path):
     assert "best on Frechet distance" in metrics["flow"]["verdict"]
     assert metrics["flow"]["train_seconds"] == section["train_seconds"]  # the stage's own keys are kept
     assert (run.figures / "flow_sweep.png").is_file()
+    # the report says how samples with no digit were drawn, and the stage's section names the setting
+    assert section["no_digit_sampling"] == "digit_mixture" and "digit_loss" in section["history"]
+    from latentlab.report import flow_part
+    assert "the digits' own fields weighted by the network's guess" in flow_part(metrics["flow"], run.root)
+    assert "own fields" not in flow_part({**metrics["flow"], "no_digit_sampling": "field"}, run.root)
 
 
 def sample(run, *args) -> int:

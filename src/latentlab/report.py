@@ -184,6 +184,9 @@ def flow_part(flow: dict, root: Path) -> str:
     parts = [f"**Latent flow matching** ({flow.get('solver')}, {flow.get('ode_steps')} ODE steps, guidance "
              f"{flow.get('guidance')}{rescaled(flow.get('guidance_rescale', 0))}, "
              f"{flow.get('steps')} training steps)."]
+    if flow.get("no_digit_sampling") == "digit_mixture":
+        parts[0] += (" Samples with no digit follow, from t = 0.3 on, the digits' own fields weighted by the network's "
+                     "guess of the digit (`flow.no_digit_sampling=digit_mixture`).")
     if flow.get("verdict"):
         parts.append(f"**Verdict (flow against the GANs).** {flow['verdict']}")
     if flow.get("targets"):
