@@ -291,6 +291,7 @@ def test_sample_errors_are_one_line(gan_run, tiny_run, tmp_path, capsys):
     ("flow.ode_steps=0", "a whole number 1-1000"), ("flow.guidance=-1", "a number in [0, 20]"),
     ("flow.embed_dim=15", "must be even"), ("flow.no_digit_target=mean", "one of path, own_digit"),
     ("flow.guidance_rescale=1.5", "a number in [0, 1]"),
+    ("flow.no_digit_sampling=blend", "one of field, digit_mixture"), ("flow.digit_loss_weight=-1", "a number in [0, 100]"),
 ])
 def test_bad_flow_settings_are_one_line_errors(tiny_run, setting, message, capsys):
     assert main(["train-flow", "--run", str(tiny_run.root), "--set", setting]) == 2
