@@ -121,6 +121,25 @@ def test_rescaled_guidance_keeps_the_digits_own_speed(mixture_field):
     assert torch.equal(flow.velocity(model, x, t, digit, 2.5, rescale=0.0), plain)
 
 
+def test_guidance_pushes_away_from_a_mix_of_the_no_digit_field_and_the_blend(mixture_field):
+    """guidance_reference r: from MIXTURE_FROM on, v = ref + g (v(digit) - ref) with ref = (1 - r) field + r blend;
+    r = 0 (and any r before MIXTURE_FROM, or in a network without a digit head) is plain guidance."""
+    model, _ = mixture_field
+    x, digit = torch.randn(64, 2, generator=torch.Generator().manual_seed(7)), torch.full((64,), 1)
+    with torch.no_grad():
+        for t in (0.1, 0.5):
+            times = torch.full((64,), t)
+            own = model(x, times, digit)
+            field = model(x, times, torch.full((64,), flow.NO_DIGIT))
+            blend = flow.digit_mixture_velocity(model, x, times)
+            reference = field if t < flow.MIXTURE_FROM else 0.6 * field + 0.4 * blend
+            expected = reference + 2.0 * (own - reference)
+            assert torch.allclose(flow.velocity(model, x, t, digit, 2.0, reference=0.4), expected, atol=1e-5)
+            assert torch.allclose(flow.velocity(model, x, t, digit, 2.0, reference=0.0), field + 2.0 * (own - field),
+                                  atol=1e-5)
+        assert not torch.allclose(blend, field, atol=1e-2)  # the blend is not the "no digit" field: the test can fail
+
+
 def test_solvers_agree_when_given_enough_steps(mixture_field):
     model, _ = mixture_field
     noise = torch.randn(50, 2, generator=torch.Generator().manual_seed(2))
@@ -189,14 +208,15 @@ def test_checkpoint_round_trip(tmp_path, mixture_field):
     run.save_checkpoint("flow", older)
     with pytest.raises(LatentlabError, match="digit_head=2 must be 0 or 1"):
         flow.load_flow(run)
-    # the guidance rescale travels with the checkpoint; one saved before the setting samples with plain guidance
-    rescaled = dataclasses.replace(TINY, guidance=2.0, guidance_rescale=0.7)
+    # the guidance rescale and reference travel with the checkpoint; one saved before them samples with plain guidance
+    rescaled = dataclasses.replace(TINY, guidance=2.0, guidance_rescale=0.7, guidance_reference=0.3)
     run.save_checkpoint("flow", flow.checkpoint(model, rescaled, CodeStats(mean, std)))
-    assert (flow.load_flow(run).guidance, flow.load_flow(run).guidance_rescale) == (2.0, 0.7)
+    loaded = flow.load_flow(run)
+    assert (loaded.guidance, loaded.guidance_rescale, loaded.guidance_reference) == (2.0, 0.7, 0.3)
     older = flow.checkpoint(model, rescaled, CodeStats(mean, std))
-    del older["sampling"]["guidance_rescale"]
+    del older["sampling"]["guidance_rescale"], older["sampling"]["guidance_reference"]
     run.save_checkpoint("flow", older)
-    assert flow.load_flow(run).guidance_rescale == 0.0
+    assert (flow.load_flow(run).guidance_rescale, flow.load_flow(run).guidance_reference) == (0.0, 0.0)
     older["sampling"]["guidance_rescale"] = 2.0
     run.save_checkpoint("flow", older)
     with pytest.raises(LatentlabError, match="sampling.guidance_rescale"):
@@ -291,7 +311,7 @@ def test_sample_errors_are_one_line(gan_run, tiny_run, tmp_path, capsys):
     ("flow.ode_steps=0", "a whole number 1-1000"), ("flow.guidance=-1", "a number in [0, 20]"),
     ("flow.embed_dim=15", "must be even"), ("flow.no_digit_target=mean", "one of path, own_digit"),
     ("flow.guidance_rescale=1.5", "a number in [0, 1]"),
-    ("flow.no_digit_sampling=blend", "one of field, digit_mixture"), ("flow.digit_loss_weight=-1", "a number in [0, 100]"),
+    ("flow.guidance_reference=2", "a number in [0, 1]"), ("flow.no_digit_sampling=blend", "one of field, digit_mixture"), ("flow.digit_loss_weight=-1", "a number in [0, 100]"),
 ])
 def test_bad_flow_settings_are_one_line_errors(tiny_run, setting, message, capsys):
     assert main(["train-flow", "--run", str(tiny_run.root), "--set", setting]) == 2

@@ -91,9 +91,12 @@ class FlowConfig:
     ema: float = 0.999            # keep an exponential moving average of the weights (0 = the last step's); its
                                   # decay warms up as (1 + step) / (10 + step), under 0.997 for all of 3000 steps, so
                                   # this cap binds only in longer runs (reaching 0.999 by step 2000 scored the same)
-    guidance: float = 2.5         # classifier-free guidance scale for digit samples (1 = none, 0 = ignore digit)
+    guidance: float = 3.5         # classifier-free guidance scale for digit samples (1 = none, 0 = ignore digit)
     guidance_rescale: float = 1.0  # 0-1: how far the guided velocity is scaled back to the digit's own length
                                   # (1 with 2.5 against none with 1.5: Frechet distance 7.6 -> 6.3, recall 0.64 -> 0.67)
+    guidance_reference: float = 0.5  # 0-1: from t = 0.3 guidance pushes away from this mix of the "no digit" field (0)
+                                  # and the blend of the digits' fields (1) (0.5 at guidance 3.5 against 0 at 2.5, on
+                                  # three flows: recall 0.694-0.696 -> 0.701-0.707; docs/flow_sweep.md)
     solver: str = "heun"          # fixed-step ODE solver: "euler", "midpoint" or "heun" (its last step euler's)
     ode_steps: int = 8            # solver steps from noise to code
     log_every: int = 100          # loss history resolution (steps per recorded mean)

@@ -86,6 +86,7 @@ class LatentFlow:
     solver: str
     ode_steps: int
     guidance_rescale: float = 0.0   # 0 = plain classifier-free guidance (checkpoints from before the setting)
+    guidance_reference: float = 0.0  # 0 = guidance against the "no digit" field (checkpoints from before the setting)
 
     @property
     def latent_dim(self) -> int:
@@ -198,12 +199,14 @@ def train_flow(cfg: FlowConfig, codes: torch.Tensor, labels: torch.Tensor, *, se
 
 
 def velocity(model: VelocityField, x: torch.Tensor, t: float, digit: torch.Tensor | None, guidance: float,
-             rescale: float = 0.0):
+             rescale: float = 0.0, reference: float = 0.0):
     """The guided velocity at time t. Guidance 0 is the "no digit" field; digit None is any digit: the digits' fields
     blended by the digit head's guess (digit_mixture_velocity) where the network has one, else the "no digit" field.
 
     `rescale` in [0, 1] moves the guided velocity towards the length of the digit's own (per sample): plain guidance
-    also lengthens it, which overshoots and crowds the samples together (docs/flow_sweep.md)."""
+    also lengthens it, which overshoots and crowds the samples together (docs/flow_sweep.md). `reference` in [0, 1]:
+    from MIXTURE_FROM on, how far the field guidance pushes away from moves from the "no digit" field towards the
+    blend of the digits' fields (where the network has a digit head)."""
     times = torch.full((len(x),), t, device=x.device)
     no_digit = torch.full((len(x),), NO_DIGIT, dtype=torch.long, device=x.device)
     if digit is None and model.digit_head is not None and t >= MIXTURE_FROM:
@@ -212,8 +215,15 @@ def velocity(model: VelocityField, x: torch.Tensor, t: float, digit: torch.Tenso
         return model(x, times, no_digit)
     if guidance == 1:
         return model(x, times, digit)
-    both = model(torch.cat([x, x]), torch.cat([times, times]), torch.cat([digit, no_digit]))  # one pass
-    v_digit, v_none = both.chunk(2)
+    if reference and model.digit_head is not None and t >= MIXTURE_FROM:
+        # near a digit's own codes the blend is nearly that digit's field, so the push fades where the sample is
+        # already right and stays where it heads for another digit: recall 0.694-0.696 -> 0.701-0.707 on three
+        # flows, every digit at 98% or more (docs/flow_sweep.md)
+        blend, field = digit_mixture_velocity(model, x, times, with_field=True)
+        v_digit, v_none = model(x, times, digit), torch.lerp(field, blend, reference)
+    else:
+        both = model(torch.cat([x, x]), torch.cat([times, times]), torch.cat([digit, no_digit]))  # one pass
+        v_digit, v_none = both.chunk(2)
     guided = v_none + guidance * (v_digit - v_none)
     if rescale:
         ratio = v_digit.norm(dim=1, keepdim=True) / guided.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -229,18 +239,21 @@ MIXTURE_FROM = 0.3
 MIXTURE_FLOOR = 0.05
 
 
-def digit_mixture_velocity(model: VelocityField, x: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+def digit_mixture_velocity(model: VelocityField, x: torch.Tensor, times: torch.Tensor, with_field: bool = False):
     """The velocity with no digit asked for, as the digits' own fields weighted by how likely each digit is at x_t:
     v(x_t) = sum_d p(d | x_t) v(x_t, d), which is what the "no digit" field should learn (the flow-matching target
     averaged over the digits) without the network having to learn the blend. p(d | x_t) is the digit head's guess;
-    digits it gives under MIXTURE_FLOOR are left out and the rest renormalised."""
+    digits it gives under MIXTURE_FLOOR are left out and the rest renormalised. with_field: also the "no digit"
+    field, which the same pass gives."""
     no_digit = torch.full((len(x),), NO_DIGIT, dtype=torch.long, device=x.device)
-    weights = model(x, times, no_digit, with_logits=True)[1].softmax(dim=1)          # (N, 10)
+    field, logits = model(x, times, no_digit, with_logits=True)
+    weights = logits.softmax(dim=1)                                                  # (N, 10)
     weights = torch.where(weights >= MIXTURE_FLOOR, weights, 0)
     weights = weights / weights.sum(dim=1, keepdim=True)    # the largest is >= 0.1, so never all dropped
     rows, digits = weights.nonzero(as_tuple=True)           # one pass over every (sample, likely digit) pair
     v = model(x[rows], times[rows], digits)
-    return torch.zeros_like(x).index_add_(0, rows, weights[rows, digits, None] * v)
+    blend = torch.zeros_like(x).index_add_(0, rows, weights[rows, digits, None] * v)
+    return (blend, field) if with_field else blend
 
 
 def rescaled(rescale: float) -> str:
@@ -250,23 +263,24 @@ def rescaled(rescale: float) -> str:
 
 @torch.no_grad()
 def integrate(model: VelocityField, noise: torch.Tensor, digit: torch.Tensor | None = None, *,
-              guidance: float = 1.0, rescale: float = 0.0, solver: str = "heun", steps: int = 8) -> torch.Tensor:
+              guidance: float = 1.0, rescale: float = 0.0, reference: float = 0.0, solver: str = "heun",
+              steps: int = 8) -> torch.Tensor:
     """Noise (N, D) [and digits (N,)] -> standardised codes (N, D) after `steps` fixed steps of `solver`."""
     if solver not in SOLVERS:
         raise LatentlabError(f"solver {solver!r}: choose {', '.join(SOLVERS)}")
     x, dt = noise, 1.0 / steps
     for i in range(steps):
         t = i * dt
-        v = velocity(model, x, t, digit, guidance, rescale)
+        v = velocity(model, x, t, digit, guidance, rescale, reference)
         if solver == "euler" or (solver == "heun" and i == steps - 1):
             # heun's last step is euler's, as in EDM's sampler: the field at t = 1, which heun would average in, is
             # the least trained (logit-normal training times rarely come near it). Four flows: Frechet distance
             # 0.12-0.27 lower, recall 0.012-0.016 higher, one pass fewer (docs/flow_sweep.md)
             x = x + dt * v
         elif solver == "midpoint":
-            x = x + dt * velocity(model, x + dt / 2 * v, t + dt / 2, digit, guidance, rescale)
+            x = x + dt * velocity(model, x + dt / 2 * v, t + dt / 2, digit, guidance, rescale, reference)
         else:  # heun: average the slopes at both ends of the step
-            x = x + dt / 2 * (v + velocity(model, x + dt * v, t + dt, digit, guidance, rescale))
+            x = x + dt / 2 * (v + velocity(model, x + dt * v, t + dt, digit, guidance, rescale, reference))
     return x
 
 
@@ -283,7 +297,8 @@ def generate_codes(flow: LatentFlow, noise: torch.Tensor, digits: torch.Tensor |
     for i in range(0, len(noise), batch_size):
         digit = None if digits is None else digits[i:i + batch_size].to(device)
         out.append(integrate(flow.model, noise[i:i + batch_size].to(device), digit, guidance=guidance,
-                             rescale=flow.guidance_rescale, solver=flow.solver, steps=steps))
+                             rescale=flow.guidance_rescale, reference=flow.guidance_reference, solver=flow.solver,
+                             steps=steps))
     return flow.stats.restore(torch.cat(out))
 
 
@@ -313,8 +328,8 @@ def checkpoint(model: VelocityField, cfg: FlowConfig, stats: CodeStats) -> dict:
                        "embed_dim": cfg.embed_dim, "digit_head": int(model.digit_head is not None)},
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "code_mean": stats.mean.cpu(), "code_std": stats.std.cpu(),
-        "sampling": {"guidance": cfg.guidance, "guidance_rescale": cfg.guidance_rescale, "solver": cfg.solver,
-                     "ode_steps": cfg.ode_steps},
+        "sampling": {"guidance": cfg.guidance, "guidance_rescale": cfg.guidance_rescale,
+                     "guidance_reference": cfg.guidance_reference, "solver": cfg.solver, "ode_steps": cfg.ode_steps},
     }
 
 
@@ -328,7 +343,8 @@ def load_flow(run: Run, device="cpu") -> LatentFlow:
     stats = CodeStats(ckpt["code_mean"].float().to(device), ckpt["code_std"].float().to(device))
     sampling = ckpt["sampling"]
     return LatentFlow(model.to(device), stats, float(sampling["guidance"]), sampling["solver"],
-                      sampling["ode_steps"], float(sampling.get("guidance_rescale", 0.0)))
+                      sampling["ode_steps"], float(sampling.get("guidance_rescale", 0.0)),
+                      float(sampling.get("guidance_reference", 0.0)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -350,7 +366,8 @@ def stage(ctx) -> dict:
     train_seconds = time.perf_counter() - start
     ctx.run.save_checkpoint("flow", checkpoint(model, cfg, stats))
 
-    flow = LatentFlow(model, stats, cfg.guidance, cfg.solver, cfg.ode_steps, cfg.guidance_rescale)
+    flow = LatentFlow(model, stats, cfg.guidance, cfg.solver, cfg.ode_steps, cfg.guidance_rescale,
+                      cfg.guidance_reference)
     start = time.perf_counter()
     digits = np.repeat(np.arange(NUM_CLASSES), 10)      # row r = digit r, from fixed noise
     images = sample_images(flow, ctx.autoencoder.decoder, 100, digit=digits, seed=ctx.config.seed)
@@ -364,7 +381,8 @@ def stage(ctx) -> dict:
         "embed_dim": cfg.embed_dim, "label_dropout": cfg.label_dropout, "no_digit_target": cfg.no_digit_target,
         "no_digit_sampling": cfg.no_digit_sampling, "digit_loss_weight": cfg.digit_loss_weight,
         "time_sampling": cfg.time_sampling, "ema": cfg.ema, "guidance": cfg.guidance,
-        "guidance_rescale": cfg.guidance_rescale, "solver": cfg.solver, "ode_steps": cfg.ode_steps,
+        "guidance_rescale": cfg.guidance_rescale, "guidance_reference": cfg.guidance_reference, "solver": cfg.solver,
+        "ode_steps": cfg.ode_steps,
         "parameters": sum(p.numel() for p in model.parameters()), "train_codes": len(codes),
         "device": str(ctx.device), "train_seconds": round(train_seconds, 2),
         "sample_100_seconds": round(sample_seconds, 3), "final_loss": history["loss"][-1], "history": history,
