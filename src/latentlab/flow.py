@@ -205,8 +205,8 @@ def velocity(model: VelocityField, x: torch.Tensor, t: float, digit: torch.Tenso
 
     `rescale` in [0, 1] moves the guided velocity towards the length of the digit's own (per sample): plain guidance
     also lengthens it, which overshoots and crowds the samples together (docs/flow_sweep.md). `reference` in [0, 1]:
-    from MIXTURE_FROM on, how far the field guidance pushes away from moves from the "no digit" field towards the
-    blend of the digits' fields (where the network has a digit head)."""
+    from MIXTURE_FROM on, guidance pushes away from (1 - reference) x the "no digit" field + reference x the blend of
+    the digits' fields, where the network has a digit head; before it, and without a head, from the field."""
     times = torch.full((len(x),), t, device=x.device)
     no_digit = torch.full((len(x),), NO_DIGIT, dtype=torch.long, device=x.device)
     if digit is None and model.digit_head is not None and t >= MIXTURE_FROM:
