@@ -13,7 +13,7 @@ from latentlab.checks import read_stages
 from latentlab.context import Context
 from latentlab.errors import LatentlabError
 from latentlab.fewshot import REFERENCE  # the reference report's own results: quoted, not measured here
-from latentlab.flow import rescaled
+from latentlab.flow import MIXTURE_FROM, rescaled
 from latentlab.runfolder import read_json, write_text
 
 
@@ -185,8 +185,8 @@ def flow_part(flow: dict, root: Path) -> str:
              f"{flow.get('guidance')}{rescaled(flow.get('guidance_rescale', 0))}, "
              f"{flow.get('steps')} training steps)."]
     if flow.get("no_digit_sampling") == "digit_mixture":
-        parts[0] += (" Samples with no digit follow, from t = 0.3 on, the digits' own fields weighted by the network's "
-                     "guess of the digit (`flow.no_digit_sampling=digit_mixture`).")
+        parts[0] += (f" Samples with no digit follow, from t = {MIXTURE_FROM:g} on, the digits' own fields weighted by the "
+                     "network's guess of the digit (`flow.no_digit_sampling=digit_mixture`).")
     if flow.get("verdict"):
         parts.append(f"**Verdict (flow against the GANs).** {flow['verdict']}")
     if flow.get("targets"):
