@@ -42,8 +42,7 @@ def main():
         model, history = flow.train_flow(cfg, codes, labels, seed=seed, device=ctx.device)
         torch.cuda.synchronize() if ctx.device.type == "cuda" else None
         seconds = time.perf_counter() - start
-        trained = flow.LatentFlow(model, stats, cfg.guidance, cfg.solver, cfg.ode_steps, cfg.guidance_rescale,
-                                  cfg.guidance_reference)
+        trained = flow.LatentFlow.from_config(model, stats, cfg)
         decoder = ctx.autoencoder.decoder
         chosen = conditional_quality(classifier, real, flow.sample_images(trained, decoder, 10_000, digit=digits,
                                                                            seed=1), digits)

@@ -196,10 +196,11 @@ def test_checkpoint_round_trip(tmp_path, mixture_field):
     noise, digits = torch.randn(20, 2, generator=torch.Generator().manual_seed(5)), torch.arange(20) % 4
     expected = flow.integrate(model, noise, digits, steps=TINY.ode_steps) * std + mean
     assert torch.allclose(flow.generate_codes(loaded, noise, digits), expected, atol=1e-6)
-    # the digit head travels with it (samples with no digit the same); a checkpoint from before the head has no head
-    # and samples with no digit from its "no digit" field
-    assert loaded.model.digit_head is not None
-    assert torch.allclose(flow.generate_codes(loaded, noise), flow.integrate(model, noise) * std + mean, atol=1e-6)
+    # the digit head travels with it (samples with no digit the same, from noise scaled by the temperature); a
+    # checkpoint from before the head has no head and samples with no digit from its "no digit" field
+    assert loaded.model.digit_head is not None and loaded.no_digit_temperature == TINY.no_digit_temperature != 1
+    wider = noise * TINY.no_digit_temperature
+    assert torch.allclose(flow.generate_codes(loaded, noise), flow.integrate(model, wider) * std + mean, atol=1e-6)
     older = flow.checkpoint(model, TINY, CodeStats(mean, std))
     del older["model_args"]["digit_head"], older["state_dict"]["digit_head.weight"], older["state_dict"]["digit_head.bias"]
     run.save_checkpoint("flow", older)
@@ -209,14 +210,25 @@ def test_checkpoint_round_trip(tmp_path, mixture_field):
     with pytest.raises(LatentlabError, match="digit_head=2 must be 0 or 1"):
         flow.load_flow(run)
     # the guidance rescale and reference travel with the checkpoint; one saved before them samples with plain guidance
-    rescaled = dataclasses.replace(TINY, guidance=2.0, guidance_rescale=0.7, guidance_reference=0.3)
+    # (and so does the temperature: one saved before it samples from the noise as drawn)
+    rescaled = dataclasses.replace(TINY, guidance=2.0, guidance_rescale=0.7, guidance_reference=0.3,
+                                   no_digit_temperature=1.2)
     run.save_checkpoint("flow", flow.checkpoint(model, rescaled, CodeStats(mean, std)))
     loaded = flow.load_flow(run)
     assert (loaded.guidance, loaded.guidance_rescale, loaded.guidance_reference) == (2.0, 0.7, 0.3)
+    assert loaded.no_digit_temperature == 1.2
     older = flow.checkpoint(model, rescaled, CodeStats(mean, std))
     del older["sampling"]["guidance_rescale"], older["sampling"]["guidance_reference"]
+    del older["sampling"]["no_digit_temperature"]
     run.save_checkpoint("flow", older)
-    assert (flow.load_flow(run).guidance_rescale, flow.load_flow(run).guidance_reference) == (0.0, 0.0)
+    loaded = flow.load_flow(run)
+    assert (loaded.guidance_rescale, loaded.guidance_reference, loaded.no_digit_temperature) == (0.0, 0.0, 1.0)
+    assert torch.allclose(flow.generate_codes(loaded, noise), flow.integrate(model, noise) * std + mean, atol=1e-6)
+    older["sampling"]["no_digit_temperature"] = 0
+    run.save_checkpoint("flow", older)
+    with pytest.raises(LatentlabError, match="sampling.no_digit_temperature"):
+        flow.load_flow(run)
+    del older["sampling"]["no_digit_temperature"]
     older["sampling"]["guidance_rescale"] = 2.0
     run.save_checkpoint("flow", older)
     with pytest.raises(LatentlabError, match="sampling.guidance_rescale"):
@@ -274,6 +286,9 @@ def test_stage_and_evaluation_sections(gan_run, tmp_path):
     from latentlab.report import flow_part
     assert "the digits' own fields weighted by the network's guess" in flow_part(metrics["flow"], run.root)
     assert "own fields" not in flow_part({**metrics["flow"], "no_digit_sampling": "field"}, run.root)
+    assert section["no_digit_temperature"] == tiny_config().flow.no_digit_temperature
+    assert "noise of spread 1.06" in flow_part(metrics["flow"], run.root)
+    assert "spread" not in flow_part({**metrics["flow"], "no_digit_temperature": 1}, run.root)
 
 
 def sample(run, *args) -> int:
@@ -312,6 +327,7 @@ def test_sample_errors_are_one_line(gan_run, tiny_run, tmp_path, capsys):
     ("flow.embed_dim=15", "must be even"), ("flow.no_digit_target=mean", "one of path, own_digit"),
     ("flow.guidance_rescale=1.5", "a number in [0, 1]"),
     ("flow.guidance_reference=2", "a number in [0, 1]"), ("flow.no_digit_sampling=blend", "one of field, digit_mixture"), ("flow.digit_loss_weight=-1", "a number in [0, 100]"),
+    ("flow.no_digit_temperature=0", "a number in (0, 4]"),
 ])
 def test_bad_flow_settings_are_one_line_errors(tiny_run, setting, message, capsys):
     assert main(["train-flow", "--run", str(tiny_run.root), "--set", setting]) == 2

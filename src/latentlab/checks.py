@@ -65,7 +65,7 @@ FIELDS = {
              "hidden": whole(1, 8192), "layers": whole(1, 64), "embed_dim": whole(2, 4096),
              "label_dropout": number(0, 1, high_open=True), "ema": number(0, 1, high_open=True),
              "guidance": number(0, 20), "guidance_rescale": number(0, 1),
-             "guidance_reference": number(0, 1),
+             "guidance_reference": number(0, 1), "no_digit_temperature": number(0, 4, low_open=True),
              "solver": choice("euler", "midpoint", "heun"),
              "time_sampling": choice("uniform", "logit_normal"), "no_digit_target": choice("path", "own_digit"),
              "no_digit_sampling": choice("field", "digit_mixture"), "digit_loss_weight": number(0, 100),
@@ -374,8 +374,8 @@ def check_checkpoint(path, checkpoint: dict, kind: str) -> None:
         sampling = checkpoint.get("sampling")
         if not isinstance(sampling, dict) or not {"guidance", "solver", "ode_steps"} <= set(sampling):
             raise LatentlabError(f"{path}: sampling settings missing or unreadable; {retrain}")
-        # no rescale or reference: a checkpoint from before the setting
-        for key in ("guidance", "solver", "ode_steps", "guidance_rescale", "guidance_reference"):
+        # no rescale, reference or temperature: a checkpoint from before the setting
+        for key in ("guidance", "solver", "ode_steps", "guidance_rescale", "guidance_reference", "no_digit_temperature"):
             if key not in sampling:
                 continue
             try:

@@ -97,6 +97,9 @@ class FlowConfig:
     guidance_reference: float = 0.5  # 0-1: from t = 0.3 guidance pushes away from this mix of the "no digit" field (0)
                                   # and the blend of the digits' fields (1) (0.5 at guidance 3.5 against 0 at 2.5, on
                                   # three flows: recall 0.694-0.696 -> 0.701-0.707; docs/flow_sweep.md)
+    no_digit_temperature: float = 1.06  # the spread of the noise samples with no digit start from: the blend gathers
+                                  # them a little too close to the digits' centres (1 -> 1.06 on three flows: recall
+                                  # 0.686-0.714 -> 0.719-0.736, Frechet distance 8.1-10.8 -> 8.3-12.1; docs/flow_sweep.md)
     solver: str = "heun"          # fixed-step ODE solver: "euler", "midpoint" or "heun" (its last step euler's)
     ode_steps: int = 8            # solver steps from noise to code
     log_every: int = 100          # loss history resolution (steps per recorded mean)

@@ -87,6 +87,12 @@ class LatentFlow:
     ode_steps: int
     guidance_rescale: float = 0.0   # 0 = plain classifier-free guidance (checkpoints from before the setting)
     guidance_reference: float = 0.0  # 0 = guidance against the "no digit" field (checkpoints from before the setting)
+    no_digit_temperature: float = 1.0  # 1 = samples with no digit from the noise as drawn (likewise)
+
+    @classmethod
+    def from_config(cls, model: VelocityField, stats: CodeStats, cfg: FlowConfig) -> "LatentFlow":
+        return cls(model, stats, cfg.guidance, cfg.solver, cfg.ode_steps, cfg.guidance_rescale,
+                   cfg.guidance_reference, cfg.no_digit_temperature)
 
     @property
     def latent_dim(self) -> int:
@@ -292,6 +298,8 @@ def generate_codes(flow: LatentFlow, noise: torch.Tensor, digits: torch.Tensor |
     """
     guidance = flow.guidance if guidance is None else guidance
     steps = flow.ode_steps if steps is None else steps
+    if digits is None:  # the blend gathers samples near the digits' centres; a wider start spreads them as the codes
+        noise = noise * flow.no_digit_temperature
     device = device_of(flow.model)
     out = []
     for i in range(0, len(noise), batch_size):
@@ -329,7 +337,8 @@ def checkpoint(model: VelocityField, cfg: FlowConfig, stats: CodeStats) -> dict:
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "code_mean": stats.mean.cpu(), "code_std": stats.std.cpu(),
         "sampling": {"guidance": cfg.guidance, "guidance_rescale": cfg.guidance_rescale,
-                     "guidance_reference": cfg.guidance_reference, "solver": cfg.solver, "ode_steps": cfg.ode_steps},
+                     "guidance_reference": cfg.guidance_reference, "no_digit_temperature": cfg.no_digit_temperature,
+                     "solver": cfg.solver, "ode_steps": cfg.ode_steps},
     }
 
 
@@ -344,7 +353,7 @@ def load_flow(run: Run, device="cpu") -> LatentFlow:
     sampling = ckpt["sampling"]
     return LatentFlow(model.to(device), stats, float(sampling["guidance"]), sampling["solver"],
                       sampling["ode_steps"], float(sampling.get("guidance_rescale", 0.0)),
-                      float(sampling.get("guidance_reference", 0.0)))
+                      float(sampling.get("guidance_reference", 0.0)), float(sampling.get("no_digit_temperature", 1.0)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -366,8 +375,7 @@ def stage(ctx) -> dict:
     train_seconds = time.perf_counter() - start
     ctx.run.save_checkpoint("flow", checkpoint(model, cfg, stats))
 
-    flow = LatentFlow(model, stats, cfg.guidance, cfg.solver, cfg.ode_steps, cfg.guidance_rescale,
-                      cfg.guidance_reference)
+    flow = LatentFlow.from_config(model, stats, cfg)
     start = time.perf_counter()
     digits = np.repeat(np.arange(NUM_CLASSES), 10)      # row r = digit r, from fixed noise
     images = sample_images(flow, ctx.autoencoder.decoder, 100, digit=digits, seed=ctx.config.seed)
@@ -381,8 +389,8 @@ def stage(ctx) -> dict:
         "embed_dim": cfg.embed_dim, "label_dropout": cfg.label_dropout, "no_digit_target": cfg.no_digit_target,
         "no_digit_sampling": cfg.no_digit_sampling, "digit_loss_weight": cfg.digit_loss_weight,
         "time_sampling": cfg.time_sampling, "ema": cfg.ema, "guidance": cfg.guidance,
-        "guidance_rescale": cfg.guidance_rescale, "guidance_reference": cfg.guidance_reference, "solver": cfg.solver,
-        "ode_steps": cfg.ode_steps,
+        "guidance_rescale": cfg.guidance_rescale, "guidance_reference": cfg.guidance_reference,
+        "no_digit_temperature": cfg.no_digit_temperature, "solver": cfg.solver, "ode_steps": cfg.ode_steps,
         "parameters": sum(p.numel() for p in model.parameters()), "train_codes": len(codes),
         "device": str(ctx.device), "train_seconds": round(train_seconds, 2),
         "sample_100_seconds": round(sample_seconds, 3), "final_loss": history["loss"][-1], "history": history,

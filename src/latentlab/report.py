@@ -187,6 +187,8 @@ def flow_part(flow: dict, root: Path) -> str:
     if flow.get("no_digit_sampling") == "digit_mixture":
         parts[0] += (f" Samples with no digit follow, from t = {MIXTURE_FROM:g} on, the digits' own fields weighted by the "
                      "network's guess of the digit (`flow.no_digit_sampling=digit_mixture`).")
+    if flow.get("no_digit_temperature", 1) != 1:
+        parts[0] += f" They start from noise of spread {flow['no_digit_temperature']:g} (`flow.no_digit_temperature`)."
     if flow.get("verdict"):
         parts.append(f"**Verdict (flow against the GANs).** {flow['verdict']}")
     if flow.get("targets"):
