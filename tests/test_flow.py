@@ -125,7 +125,7 @@ def test_guidance_pushes_away_from_a_mix_of_the_no_digit_field_and_the_blend(mix
     """guidance_reference r: from MIXTURE_FROM on, v = ref + g (v(digit) - ref) with ref = (1 - r) field + r blend;
     r = 0 (and any r before MIXTURE_FROM, or in a network without a digit head) is plain guidance."""
     model, _ = mixture_field
-    x, digit = torch.randn(64, 2, generator=torch.Generator().manual_seed(7)), torch.full((64,), 1)
+    x, digit = torch.randn(64, 2, generator=torch.Generator().manual_seed(7)), torch.arange(64) % 4
     with torch.no_grad():
         for t in (0.1, 0.5):
             times = torch.full((64,), t)
@@ -137,6 +137,14 @@ def test_guidance_pushes_away_from_a_mix_of_the_no_digit_field_and_the_blend(mix
             assert torch.allclose(flow.velocity(model, x, t, digit, 2.0, reference=0.4), expected, atol=1e-5)
             assert torch.allclose(flow.velocity(model, x, t, digit, 2.0, reference=0.0), field + 2.0 * (own - field),
                                   atol=1e-5)
+            # the asked digits' fields come from the blend's pass, whether the head finds them likely or not, and
+            # add nothing to the blend
+            likely = model(x, times, torch.full((64,), flow.NO_DIGIT), with_logits=True)[1].softmax(1)
+            asked_weight = likely[torch.arange(64), digit]
+            assert (asked_weight < flow.MIXTURE_FLOOR).any() and (asked_weight >= flow.MIXTURE_FLOOR).any()
+            blend_too, field_too, own_too = flow.digit_mixture_velocity(model, x, times, asked=digit)
+            assert torch.equal(blend_too, blend) and torch.equal(field_too, field)
+            assert torch.allclose(own_too, own, atol=1e-6)
         assert not torch.allclose(blend, field, atol=1e-2)  # the blend is not the "no digit" field: the test can fail
 
 

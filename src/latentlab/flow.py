@@ -225,8 +225,8 @@ def velocity(model: VelocityField, x: torch.Tensor, t: float, digit: torch.Tenso
         # near a digit's own codes the blend is nearly that digit's field, so the push fades where the sample is
         # already right and stays where it heads for another digit: recall 0.694-0.696 -> 0.701-0.707 on three
         # flows, every digit at 98% or more (docs/flow_sweep.md)
-        blend, field = digit_mixture_velocity(model, x, times, with_field=True)
-        v_digit, v_none = model(x, times, digit), torch.lerp(field, blend, reference)
+        blend, field, v_digit = digit_mixture_velocity(model, x, times, with_field=True, asked=digit)
+        v_none = torch.lerp(field, blend, reference)
     else:
         both = model(torch.cat([x, x]), torch.cat([times, times]), torch.cat([digit, no_digit]))  # one pass
         v_digit, v_none = both.chunk(2)
@@ -245,21 +245,31 @@ MIXTURE_FROM = 0.3
 MIXTURE_FLOOR = 0.05
 
 
-def digit_mixture_velocity(model: VelocityField, x: torch.Tensor, times: torch.Tensor, with_field: bool = False):
+def digit_mixture_velocity(model: VelocityField, x: torch.Tensor, times: torch.Tensor, with_field: bool = False,
+                           asked: torch.Tensor | None = None):
     """The velocity with no digit asked for, as the digits' own fields weighted by how likely each digit is at x_t:
     v(x_t) = sum_d p(d | x_t) v(x_t, d), which is what the "no digit" field should learn (the flow-matching target
     averaged over the digits) without the network having to learn the blend. p(d | x_t) is the digit head's guess;
     digits it gives under MIXTURE_FLOOR are left out and the rest renormalised. with_field: also the "no digit"
-    field, which the same pass gives."""
+    field, which the same pass gives. asked (N,): also each sample's field for that digit, (blend, field, v_asked),
+    from the blend's pass: a guided sample's own digit is nearly always among its likely ones."""
     no_digit = torch.full((len(x),), NO_DIGIT, dtype=torch.long, device=x.device)
     field, logits = model(x, times, no_digit, with_logits=True)
     weights = logits.softmax(dim=1)                                                  # (N, 10)
     weights = torch.where(weights >= MIXTURE_FLOOR, weights, 0)
     weights = weights / weights.sum(dim=1, keepdim=True)    # the largest is >= 0.1, so never all dropped
-    rows, digits = weights.nonzero(as_tuple=True)           # one pass over every (sample, likely digit) pair
+    needed = weights > 0
+    every = torch.arange(len(x), device=x.device)
+    if asked is not None:
+        needed[every, asked] = True                         # weight 0 where unlikely: it adds nothing to the blend
+    rows, digits = needed.nonzero(as_tuple=True)            # one pass over every (sample, needed digit) pair
     v = model(x[rows], times[rows], digits)
     blend = torch.zeros_like(x).index_add_(0, rows, weights[rows, digits, None] * v)
-    return (blend, field) if with_field else blend
+    if asked is None:
+        return (blend, field) if with_field else blend
+    position = torch.zeros_like(weights, dtype=torch.long)
+    position[rows, digits] = torch.arange(len(rows), device=x.device)
+    return blend, field, v[position[every, asked]]
 
 
 def rescaled(rescale: float) -> str:
