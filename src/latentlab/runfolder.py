@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 import latentlab
 from latentlab.errors import LatentlabError
@@ -93,6 +94,17 @@ def environment() -> dict:
     }
 
 
+class SkipInit(TorchFunctionMode):
+    """Leave torch.nn.init's functions undone, for models built on the meta device only to check shapes: there an
+    embedding's normal_ runs a Python reference kernel that imports torch._dynamo, 1.5-1.7 s of a cold
+    `latentlab sample --model flow`."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]  # every init function's first argument
+        return func(*args, **(kwargs or {}))
+
+
 class Run:
     """Paths and small helpers for one run folder."""
 
@@ -163,7 +175,7 @@ class Run:
         ckpt = self.load_checkpoint(name, needed_by=f"train it with `latentlab {command} --run {self.root}`")
         check_checkpoint(self.checkpoints / f"{name}.pt", ckpt, kind or name)
         try:
-            with torch.device("meta"):  # names and shapes first, in no memory: huge arguments with small weights
+            with torch.device("meta"), SkipInit():  # names and shapes first, in no memory: huge arguments with small weights
                 model_class(**ckpt["model_args"]).load_state_dict(ckpt["state_dict"], assign=True)  # no copy made
             model = model_class(**ckpt["model_args"])
             model.load_state_dict(ckpt["state_dict"])
