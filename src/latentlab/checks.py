@@ -423,15 +423,13 @@ def check_needs(root, stage: str) -> None:
     """The checkpoints of the stages `stage` reads are there and sound, or one line naming the command that
     makes them (checked before anything is written)."""
     from latentlab.pipeline import STAGES
-    from latentlab.runfolder import load_checkpoint_file
+    from latentlab.runfolder import Run
 
     reads = next((s.reads for s in STAGES if s.name == stage), ())
     for name in (r for r in reads if r in MADE_BY):
-        path = Path(root) / "checkpoints" / f"{name}.pt"
-        if not path.is_file():
-            what = "is not a file; move it away and" if path.exists() else "is missing;"
-            raise LatentlabError(f"{path}: checkpoint {what} train it with `latentlab {MADE_BY[name]} --run {root}`")
-        check_checkpoint(path, load_checkpoint_file(path), name)
+        run = Run(root)
+        checkpoint = run.load_checkpoint(name, needed_by=f"train it with `latentlab {MADE_BY[name]} --run {root}`")
+        check_checkpoint(run.checkpoints / f"{name}.pt", checkpoint, name)
 
 
 def check_own_settings(before: dict, after: dict, stage: str, command: str) -> None:

@@ -194,7 +194,7 @@ class Run:
                 raise LatentlabError(f"{path}: not written yet: a latentlab command ({owner}) is writing this run "
                                      "folder now; wait for it to finish")
             what = "is not a file; move it away" if path.exists() else "is missing"
-            hint = f"; {needed_by}" if needed_by else ""
+            hint = (" and " if path.exists() else "; ") + needed_by if needed_by else ""
             raise LatentlabError(f"{path}: checkpoint {what}{hint}")
         return load_checkpoint_file(path)
 
