@@ -170,9 +170,10 @@ def test_every_setting_has_a_limit_and_help_prints_them(capsys):
 def test_damaged_json_is_one_line_and_nothing_runs(finished, name, content, fragment, capsys, must_refuse):
     (finished / name).write_text(content)
     before = files_of(finished)
-    code, err = run_cli(["train-gan", "--run", finished], capsys)
-    assert code == 2 and fragment in one_line(err)
-    assert files_of(finished) == before
+    for command in ("train-gan", "report"):  # report only reads the run, and refuses what it cannot trust too
+        code, err = run_cli([command, "--run", finished], capsys)
+        assert code == 2 and fragment in one_line(err), command
+        assert files_of(finished) == before
 
 
 def test_report_section_damaged_inside(finished, capsys):

@@ -259,13 +259,14 @@ def cmd_stage(args) -> None:
 
 def cmd_report(args) -> None:
     """Write report.md and report.html from the run's files; config.json and metrics.json are only read."""
-    from latentlab.checks import config_from_json, read_metrics
+    from latentlab.checks import check_run_files, config_from_json, read_metrics
     from latentlab.pipeline import locked
     from latentlab.report import write_report
     from latentlab.runfolder import Run
 
     run = Run(args.run)
-    config_from_json(run.root / "config.json")  # both checked before the lock file or a report is written
+    check_run_files(run.root)  # stages.json too, where there is one: all checked before the lock file or a report
+    config_from_json(run.root / "config.json")  # is written (config.json and metrics.json must be there)
     if not {name for name in read_metrics(run.root / "metrics.json") if name != "timings_s"}:
         # an emptied metrics.json would replace a report of results with one of none
         raise LatentlabError(f"{run.root / 'metrics.json'}: holds no results; run the stages first (latentlab run "

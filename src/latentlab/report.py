@@ -316,10 +316,9 @@ def write_report(root: Path) -> tuple[Path, Path]:
     metrics = read_metrics(root / "metrics.json")
     config_from_json(root / "config.json")  # checked; the report prints the file's own values
     config = read_json(root / "config.json")
-    try:  # which stages were taken from another run (--reuse, a sweep's trials), and when each ran
-        stages = read_stages(root / "stages.json")
-    except LatentlabError:  # missing or damaged: the timings alone, no timeline
-        stages = {}
+    # which stages were taken from another run (--reuse, a sweep's trials), and when each ran; missing: the timings
+    # alone, no timeline; damaged: refused in one line, as every command refuses it, before anything is written
+    stages = read_stages(root / "stages.json") if (root / "stages.json").exists() else {}
     bars = timeline(stages)
     if bars:
         from latentlab import figures
