@@ -214,9 +214,9 @@ def velocity(model: VelocityField, x: torch.Tensor, t: float, digit: torch.Tenso
     from MIXTURE_FROM on, guidance pushes away from (1 - reference) x the "no digit" field + reference x the blend of
     the digits' fields, where the network has a digit head; before it, and without a head, from the field."""
     times = torch.full((len(x),), t, device=x.device)
-    no_digit = torch.full((len(x),), NO_DIGIT, dtype=torch.long, device=x.device)
     if digit is None and model.digit_head is not None and t >= MIXTURE_FROM:
         return digit_mixture_velocity(model, x, times)
+    no_digit = torch.full((len(x),), NO_DIGIT, dtype=torch.long, device=x.device)
     if digit is None or guidance == 0:
         return model(x, times, no_digit)
     if guidance == 1:

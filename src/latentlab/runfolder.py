@@ -193,9 +193,11 @@ class Run:
             if owner:
                 raise LatentlabError(f"{path}: not written yet: a latentlab command ({owner}) is writing this run "
                                      "folder now; wait for it to finish")
-            what = "is not a file; move it away" if path.exists() else "is missing"
-            hint = (" and " if path.exists() else "; ") + needed_by if needed_by else ""
-            raise LatentlabError(f"{path}: checkpoint {what}{hint}")
+            if path.exists():  # a folder or another non-file in the checkpoint's place
+                what = "is not a file; move it away" + (f" and {needed_by}" if needed_by else "")
+            else:
+                what = "is missing" + (f"; {needed_by}" if needed_by else "")
+            raise LatentlabError(f"{path}: checkpoint {what}")
         return load_checkpoint_file(path)
 
 
