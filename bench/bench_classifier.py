@@ -7,12 +7,10 @@ import os
 import tempfile
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from latentlab.classifier import accuracy, train_classifier  # noqa: E402
-from latentlab.config import ClassifierConfig, make_config  # noqa: E402
-from latentlab.context import Context, set_threads  # noqa: E402
-from latentlab.runfolder import Run  # noqa: E402
+from latentlab.classifier import accuracy, train_classifier
+from latentlab.config import ClassifierConfig, make_config
+from latentlab.context import Context, set_threads
+from latentlab.runfolder import Run
 
 
 def main():

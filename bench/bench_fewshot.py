@@ -11,12 +11,10 @@ import shutil
 import tempfile
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from latentlab.cli import apply_settings  # noqa: E402
-from latentlab.config import from_dict, validate  # noqa: E402
-from latentlab.pipeline import Pipeline  # noqa: E402
-from latentlab.runfolder import Run, read_json  # noqa: E402
+from latentlab.cli import apply_settings
+from latentlab.config import from_dict, validate
+from latentlab.pipeline import Pipeline
+from latentlab.runfolder import Run, read_json
 
 
 def main():

@@ -17,14 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
 
-import torch  # noqa: E402
-
-from latentlab import gan as gan_module  # noqa: E402
-from latentlab.config import make_config  # noqa: E402
-from latentlab.models import Autoencoder, Generator  # noqa: E402
-from latentlab.runfolder import Run  # noqa: E402
+from latentlab import gan as gan_module
+from latentlab.config import make_config
+from latentlab.models import Autoencoder, Generator
+from latentlab.runfolder import Run
 
 
 def make_untrained_run(folder: Path) -> Run:
