@@ -201,9 +201,10 @@ def _last_line(path: Path) -> str:
 
 
 def thread_env(threads: int) -> dict[str, str]:
-    """LATENTLAB_THREADS caps the threads every stage asks for; the OMP/MKL ones cap numpy's and scipy's BLAS."""
+    """LATENTLAB_THREADS caps the threads every stage asks for; the OMP/MKL ones cap numpy's and scipy's BLAS.
+    OpenMP's wait policy stays as `latentlab run` has it: a trial's workers spin only within its own cap."""
     return {"LATENTLAB_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-            "OPENBLAS_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+            "OPENBLAS_NUM_THREADS": str(threads)}
 
 
 # ---- trials forked from a process that has imported torch and latentlab once (local trials on a CPU)
