@@ -259,8 +259,8 @@ def digit_mixture_velocity(model: VelocityField, x: torch.Tensor, times: torch.T
     weights = torch.where(weights >= MIXTURE_FLOOR, weights, 0)
     weights = weights / weights.sum(dim=1, keepdim=True)    # the largest is >= 0.1, so never all dropped
     needed = weights > 0
-    every = torch.arange(len(x), device=x.device)
     if asked is not None:
+        every = torch.arange(len(x), device=x.device)
         needed[every, asked] = True                         # weight 0 where unlikely: it adds nothing to the blend
     rows, digits = needed.nonzero(as_tuple=True)            # one pass over every (sample, needed digit) pair
     v = model(x[rows], times[rows], digits)
