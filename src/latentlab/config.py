@@ -10,9 +10,9 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 class AutoencoderConfig:
     latent_dim: int = 32      # size of the code every later stage works in
     width: int = 32           # channels of the first conv (the second has twice as many)
-    epochs: int = 4           # 3 epochs (0.0055 test MSE) cost the GANs: cGAN FD 14.2, recall 0.47
-    batch_size: int = 128
-    lr: float = 2e-3          # Adam, constant (cosine decay to zero measured worse: 0.0050 vs 0.0045 at 4 epochs)
+    epochs: int = 3           # 3 epochs of batch 64 at lr 4e-3 against 4 of 128 at 2e-3: 14% less time, and sharper
+    batch_size: int = 64      # reconstructions in the judge's eyes (their Frechet distance 5.0-5.9 against 6.4-7.2 on
+    lr: float = 4e-3          # three seeds), so every generator scored better (README); Adam, constant
     train_limit: int = 0      # use only the first N training images (0 = all 55,000); for tests
 
 
