@@ -412,5 +412,6 @@ def test_missing_checkpoint_in_own_locked_run_is_not_blamed_on_a_writer(tiny_run
     from latentlab.pipeline import locked
 
     run = Run(shutil.copytree(tiny_run.root, tmp_path / "run"))
-    with locked(run), pytest.raises(LatentlabError, match="gan.pt: checkpoint is missing; train it"):
-        run.load_checkpoint("gan", needed_by="train it")
+    with locked(run), pytest.raises(LatentlabError, match="gan.pt: checkpoint is missing; train it with `latentlab "
+                                                          "train-gan --run "):
+        run.load_checkpoint("gan", made_by="train-gan")

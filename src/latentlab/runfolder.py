@@ -172,7 +172,7 @@ class Run:
         """
         from latentlab.checks import check_checkpoint
 
-        ckpt = self.load_checkpoint(name, needed_by=f"train it with `latentlab {command} --run {self.root}`")
+        ckpt = self.load_checkpoint(name, made_by=command)
         check_checkpoint(self.checkpoints / f"{name}.pt", ckpt, kind or name)
         try:
             with torch.device("meta"), SkipInit():  # names and shapes first, in no memory: huge arguments with small weights
@@ -184,9 +184,11 @@ class Run:
             raise LatentlabError(f"{self.checkpoints / (name + '.pt')}: weights do not fit the model ({detail})") from None
         return model.eval(), ckpt
 
-    def load_checkpoint(self, name: str, *, needed_by: str | None = None) -> dict:
+    def load_checkpoint(self, name: str, *, made_by: str | None = None) -> dict:
+        """Checkpoint `name`'s dict; a missing file is one line, naming the latentlab command `made_by` that makes it."""
         path = self.checkpoints / f"{name}.pt"
         if not path.is_file():
+            needed_by = made_by and f"train it with `latentlab {made_by} --run {self.root}`"
             from latentlab.checks import writer
 
             owner = writer(self.root)
