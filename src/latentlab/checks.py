@@ -426,8 +426,8 @@ def check_needs(root, stage: str) -> None:
     from latentlab.runfolder import Run
 
     reads = next((s.reads for s in STAGES if s.name == stage), ())
-    run = Run(root)
     for name in (r for r in reads if r in MADE_BY):
+        run = Run(root)  # here, not above: a stage that reads no checkpoint may start a folder that is not there yet
         checkpoint = run.load_checkpoint(name, made_by=MADE_BY[name])
         check_checkpoint(run.checkpoints / f"{name}.pt", checkpoint, name)
 
